@@ -1,0 +1,66 @@
+"""devbox: start an EC2 spot devbox on demand, let the caller in, keep DNS in step."""
+from typing import Any, Callable, Dict
+
+from chalice import Chalice, IAMAuthorizer, Response
+
+from chalicelib import service
+from chalicelib.aws import client
+from chalicelib.config import Config
+from chalicelib.errors import DevboxError
+from chalicelib.payload import parse_body, parse_event_time
+
+app = Chalice(app_name="devbox")
+iam = IAMAuthorizer()
+STATE_CHANGE = {"source": ["aws.ec2"], "detail-type": ["EC2 Instance State-change Notification"]}
+
+
+def _answer(operation: Callable[[], Dict[str, Any]]) -> Any:
+    """Run an operation, turning the service's errors into JSON error responses."""
+    try:
+        return operation()
+    except DevboxError as err:
+        if err.status_code >= 500:
+            app.log.error("%s: %s", err.code, err.message)
+        return Response(body={"Code": err.code, "Message": err.message}, status_code=err.status_code)
+
+
+def _source_ip() -> Any:
+    # Only API Gateway's view of the caller counts; X-Forwarded-For is caller-controlled.
+    return (app.current_request.context.get("identity") or {}).get("sourceIp")
+
+
+@app.route("/status", methods=["GET"], authorizer=iam)
+def status() -> Any:
+    return _answer(lambda: service.get_status(client("ec2"), Config.from_env()))
+
+
+@app.route("/start", methods=["POST"], authorizer=iam)
+def start() -> Any:
+    def run() -> Dict[str, Any]:
+        parse_body(app.current_request.raw_body, allowed_fields=())
+        return service.start(client("ec2"), Config.from_env(), _source_ip())
+
+    return _answer(run)
+
+
+@app.route("/stop", methods=["POST"], authorizer=iam)
+def stop() -> Any:
+    def run() -> Dict[str, Any]:
+        parse_body(app.current_request.raw_body, allowed_fields=())
+        return service.stop(client("ec2"), Config.from_env())
+
+    return _answer(run)
+
+
+@app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["running"]}}, name="on_running")
+def on_running(event: Any) -> None:
+    outcome = service.on_running(client("ec2"), client("route53"), Config.from_env(), event.detail.get("instance-id"))
+    app.log.info("running event: %s", outcome)
+
+
+@app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["stopped", "terminated"]}}, name="on_stopped")
+def on_stopped(event: Any) -> None:
+    outcome = service.on_stopped(
+        client("ec2"), client("route53"), Config.from_env(), event.detail.get("instance-id"), parse_event_time(event.time)
+    )
+    app.log.info("stopped event: %s", outcome)

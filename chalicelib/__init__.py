@@ -1,0 +1,1 @@
+"""Logic of the devbox service: the instance, network access, DNS, configuration."""

@@ -1,0 +1,210 @@
+"""Network access: the security group rules that let callers in over SSH and ping.
+
+Every rule the app adds carries a description of the form
+``devbox-access for=<ip> at=<UTC time>``; that is how the app tells its own rules
+(and whose they were, and since when) from rules a person added, which it never touches.
+"""
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from botocore.exceptions import ClientError
+
+from chalicelib.errors import InvalidRequestError, aws_failure
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+else:
+    EC2Client = Any
+
+DESCRIPTION_PREFIX = "devbox-access"
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_PROTOCOL_NAMES = {"6": "tcp", "1": "icmp", "58": "icmpv6"}
+_ICMP_ECHO = {"icmp": 8, "icmpv6": 128}
+
+
+@dataclass(frozen=True)
+class IngressRule:
+    """One inbound rule of the group, as far as access decisions need it."""
+
+    rule_id: str
+    protocol: str
+    from_port: int
+    to_port: int
+    cidr: str
+    description: str
+
+    @property
+    def added_by_app(self) -> bool:
+        """True for rules this app created."""
+        return self.description.startswith(DESCRIPTION_PREFIX + " ")
+
+    @property
+    def added_at(self) -> Optional[datetime]:
+        """When the app added the rule (None for a person's rule or a garbled description)."""
+        for part in self.description.split()[1:]:
+            if part.startswith("at="):
+                try:
+                    return datetime.strptime(part[3:], _TIME_FORMAT).replace(tzinfo=timezone.utc)
+                except ValueError:
+                    return None
+        return None
+
+
+def caller_network(source_ip: Optional[str]) -> "ipaddress.IPv4Network | ipaddress.IPv6Network":
+    """The single-address network (/32 or /128) for the caller's source IP."""
+    if not source_ip or not isinstance(source_ip, str):
+        raise InvalidRequestError("the request carries no source IP, so there is no address to let in")
+    try:
+        address = ipaddress.ip_address(source_ip.strip())
+    except ValueError:
+        raise InvalidRequestError(f"the request's source IP {source_ip!r} is not an IP address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if address.is_unspecified or address.is_multicast:
+        raise InvalidRequestError(f"the source IP {address} cannot be let in")
+    return ipaddress.ip_network(address)
+
+
+def describe_rules(ec2: EC2Client, group_id: str) -> List[IngressRule]:
+    """All inbound rules of the group."""
+    rules: List[IngressRule] = []
+    kwargs: Dict[str, Any] = {"Filters": [{"Name": "group-id", "Values": [group_id]}], "MaxResults": 1000}
+    try:
+        while True:
+            page = ec2.describe_security_group_rules(**kwargs)
+            rules.extend(_rule(item) for item in page.get("SecurityGroupRules", []) if not item.get("IsEgress"))
+            token = page.get("NextToken")
+            if not token:
+                return rules
+            kwargs["NextToken"] = token
+    except ClientError as err:
+        raise aws_failure(err, "describe the security group's rules") from err
+
+
+def app_rules(rules: Iterable[IngressRule]) -> List[IngressRule]:
+    """The rules this app added."""
+    return [rule for rule in rules if rule.added_by_app]
+
+
+def allowed_cidrs(rules: Iterable[IngressRule]) -> List[str]:
+    """The distinct CIDRs the app has let in, sorted."""
+    return sorted({rule.cidr for rule in app_rules(rules)})
+
+
+def session_permissions(network: Any, port: int, now: datetime) -> List[Dict[str, Any]]:
+    """The SSH and ping permissions for one caller, described as the app's own."""
+    description = f"{DESCRIPTION_PREFIX} for={network.network_address} at={now.strftime(_TIME_FORMAT)}"
+    if network.version == 4:
+        ranges = {"IpRanges": [{"CidrIp": str(network), "Description": description}]}
+        icmp = "icmp"
+    else:
+        ranges = {"Ipv6Ranges": [{"CidrIpv6": str(network), "Description": description}]}
+        icmp = "icmpv6"
+    return [
+        {"IpProtocol": "tcp", "FromPort": port, "ToPort": port, **ranges},
+        {"IpProtocol": icmp, "FromPort": _ICMP_ECHO[icmp], "ToPort": -1, **ranges},
+    ]
+
+
+def missing_permissions(
+    rules: Sequence[IngressRule], permissions: Sequence[Dict[str, Any]]
+) -> List[Dict[str, Any]]:
+    """The permissions no existing rule (the app's or a person's) already grants."""
+    have = {(r.protocol, r.from_port, r.to_port, r.cidr) for r in rules}
+    return [p for p in permissions if _key(p) not in have]
+
+
+def allow_caller(ec2: EC2Client, group_id: str, permissions: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Add the permissions in one call; returns those this call added.
+
+    A rule that already exists is not an error: a concurrent request from the
+    same address may have added it between our describe and this call.
+    """
+    if not permissions:
+        return []
+    try:
+        ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=list(permissions))
+        return list(permissions)
+    except ClientError as err:
+        if _code(err) != "InvalidPermission.Duplicate":
+            raise aws_failure(err, "let the caller in") from err
+    # AWS rejects the whole call when any permission exists; add the rest one by one.
+    added = []
+    for permission in permissions:
+        try:
+            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[permission])
+            added.append(permission)
+        except ClientError as err:
+            if _code(err) != "InvalidPermission.Duplicate":
+                revoke_permissions(ec2, group_id, added)
+                raise aws_failure(err, "let the caller in") from err
+    return added
+
+
+def revoke_permissions(ec2: EC2Client, group_id: str, permissions: Sequence[Dict[str, Any]]) -> None:
+    """Remove permissions this request added (undo after a failed start)."""
+    if not permissions:
+        return
+    stripped = [_without_descriptions(p) for p in permissions]
+    try:
+        ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=stripped)
+    except ClientError as err:
+        if _code(err) != "InvalidPermission.NotFound":
+            raise aws_failure(err, "remove the access rule it had just added") from err
+
+
+def revoke_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule]) -> List[str]:
+    """Revoke rules by id; rules already gone are skipped. Returns the ids revoked."""
+    ids = [rule.rule_id for rule in rules]
+    if not ids:
+        return []
+    try:
+        ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=ids)
+        return ids
+    except ClientError as err:
+        if len(ids) == 1 and _code(err).endswith(".NotFound"):
+            return []
+        if not _code(err).endswith(".NotFound"):
+            raise aws_failure(err, "revoke access rules") from err
+    # One id was already gone (a duplicate event revoked it): revoke the rest singly.
+    revoked = []
+    for rule_id in ids:
+        try:
+            ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=[rule_id])
+            revoked.append(rule_id)
+        except ClientError as err:
+            if not _code(err).endswith(".NotFound"):
+                raise aws_failure(err, "revoke access rules") from err
+    return revoked
+
+
+def _rule(item: Dict[str, Any]) -> IngressRule:
+    protocol = str(item.get("IpProtocol", ""))
+    return IngressRule(
+        rule_id=item["SecurityGroupRuleId"],
+        protocol=_PROTOCOL_NAMES.get(protocol, protocol),
+        from_port=int(item.get("FromPort", -1)),
+        to_port=int(item.get("ToPort", -1)),
+        cidr=item.get("CidrIpv4") or item.get("CidrIpv6") or item.get("ReferencedGroupInfo", {}).get("GroupId", ""),
+        description=item.get("Description", "") or "",
+    )
+
+
+def _key(permission: Dict[str, Any]) -> Tuple[str, int, int, str]:
+    ranges = permission.get("IpRanges") or permission.get("Ipv6Ranges")
+    cidr = ranges[0].get("CidrIp") or ranges[0].get("CidrIpv6")
+    return (permission["IpProtocol"], permission["FromPort"], permission["ToPort"], cidr)
+
+
+def _without_descriptions(permission: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(permission)
+    for key, cidr_key in (("IpRanges", "CidrIp"), ("Ipv6Ranges", "CidrIpv6")):
+        if key in out:
+            out[key] = [{cidr_key: r[cidr_key]} for r in out[key]]
+    return out
+
+
+def _code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))

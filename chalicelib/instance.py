@@ -1,0 +1,123 @@
+"""The devbox instance: describe, start, stop, and the status document."""
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from chalicelib.config import Config
+from chalicelib.errors import CapacityError, InstanceNotFoundError, StateConflictError, aws_failure
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+else:
+    EC2Client = Any
+
+# The state reason EC2 records when the spot service stopped the instance; only
+# EC2 may start it again, when capacity returns (persistent request).
+SPOT_SHUTDOWN = "Server.SpotInstanceShutdown"
+_CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity"}
+_STATE_CODES = {"IncorrectInstanceState", "IncorrectSpotRequestState", "UnsupportedOperation", "IncorrectState"}
+
+
+def describe_instance(ec2: EC2Client, instance_id: str) -> Dict[str, Any]:
+    """The instance's description from EC2."""
+    try:
+        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    except ClientError as err:
+        if err.response["Error"]["Code"] in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
+            raise InstanceNotFoundError(
+                f"the devbox instance {instance_id} does not exist in this region; check INSTANCE_ID"
+            ) from err
+        raise aws_failure(err, "describe the instance") from err
+    except BotoCoreError as err:
+        raise aws_failure(err, "describe the instance") from err
+    for reservation in reservations:
+        for instance in reservation["Instances"]:
+            return instance
+    raise InstanceNotFoundError(f"the devbox instance {instance_id} does not exist in this region; check INSTANCE_ID")
+
+
+def state_of(instance: Dict[str, Any]) -> str:
+    """The instance's state name (pending, running, stopping, stopped, ...)."""
+    return str(instance["State"]["Name"])
+
+
+def ensure_startable(instance: Dict[str, Any]) -> None:
+    """Raise a conflict when the instance cannot be started or used now."""
+    state = state_of(instance)
+    instance_id = instance["InstanceId"]
+    if state == "stopping":
+        raise StateConflictError(f"the devbox {instance_id} is stopping; wait until it has stopped, then start it again")
+    if state in ("shutting-down", "terminated"):
+        raise StateConflictError(
+            f"the devbox {instance_id} is {state} and cannot be started; create a new one (redeploy the stack)"
+        )
+    if state == "stopped" and instance.get("StateReason", {}).get("Code") == SPOT_SHUTDOWN:
+        raise StateConflictError(
+            f"the spot service stopped the devbox {instance_id} for lack of capacity; only EC2 can restart it, "
+            "which it does by itself when capacity returns"
+        )
+
+
+def start_instance(ec2: EC2Client, instance_id: str) -> str:
+    """Start the instance; returns its new state."""
+    try:
+        answer = ec2.start_instances(InstanceIds=[instance_id])
+    except ClientError as err:
+        code = err.response["Error"]["Code"]
+        message = err.response["Error"].get("Message", "")
+        if code in _CAPACITY_CODES:
+            raise CapacityError(
+                f"AWS has no spare capacity for this instance type in its zone right now ({code}); "
+                "try again in a few minutes or choose another instance type"
+            ) from err
+        if code in _STATE_CODES:
+            raise StateConflictError(f"EC2 refused to start the devbox {instance_id}: {message or code}") from err
+        raise aws_failure(err, "start the instance") from err
+    except BotoCoreError as err:
+        raise aws_failure(err, "start the instance") from err
+    return str(answer["StartingInstances"][0]["CurrentState"]["Name"])
+
+
+def stop_instance(ec2: EC2Client, instance_id: str) -> str:
+    """Stop the instance; returns its new state."""
+    try:
+        answer = ec2.stop_instances(InstanceIds=[instance_id])
+    except ClientError as err:
+        if err.response["Error"]["Code"] in _STATE_CODES:
+            raise StateConflictError(
+                f"EC2 cannot stop the devbox {instance_id} now ({err.response['Error'].get('Message', '')}); "
+                "if it is still starting, try again in a minute"
+            ) from err
+        raise aws_failure(err, "stop the instance") from err
+    except BotoCoreError as err:
+        raise aws_failure(err, "stop the instance") from err
+    return str(answer["StoppingInstances"][0]["CurrentState"]["Name"])
+
+
+def status_document(
+    instance: Dict[str, Any], config: Config, allowed_ips: List[str], state: Optional[str] = None
+) -> Dict[str, Any]:
+    """The JSON document every route answers with."""
+    state = state or state_of(instance)
+    running = state == "running"
+    public_ip = instance.get("PublicIpAddress") if running else None
+    if not running:
+        dns_name = None
+    elif config.dns_managed:
+        dns_name = config.domain_name
+    else:
+        dns_name = instance.get("PublicDnsName") or public_ip or None
+    launch_time = instance.get("LaunchTime")
+    if isinstance(launch_time, datetime):
+        launch_time = launch_time.isoformat()
+    return {
+        "instance_id": instance["InstanceId"],
+        "state": state,
+        "instance_type": instance.get("InstanceType"),
+        "lifecycle": "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+        "public_ip": public_ip,
+        "dns_name": dns_name,
+        "launch_time": launch_time if state in ("pending", "running") else None,
+        "allowed_ips": allowed_ips,
+    }

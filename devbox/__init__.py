@@ -1,0 +1,1 @@
+"""The devbox client: the `devbox` command, the local stack, deploy and destroy."""
