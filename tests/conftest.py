@@ -1,0 +1,266 @@
+"""Shared fixtures: fake credentials, moto, the devbox's AWS resources, a Chalice test client."""
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import boto3
+import pytest
+from chalice.local import LambdaEventConverter
+from chalice.test import Client
+from moto import mock_aws
+
+from chalicelib import aws
+
+ROOT = Path(__file__).resolve().parent.parent
+REGION = "us-east-1"
+DOMAIN = "devbox.example.com"
+# moto does not check that an image exists; loading its AMI catalogue costs ~1 s a test.
+IMAGE_ID = "ami-0123456789abcdef0"
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+
+@pytest.fixture(autouse=True)
+def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Never reach a real AWS account, and start every test with fresh clients."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "DEVBOX_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_REGION", REGION)
+    aws.reset_clients()
+    yield
+    aws.reset_clients()
+
+
+@pytest.fixture
+def moto() -> Iterator[None]:
+    with mock_aws():
+        yield
+
+
+class Devbox:
+    """The AWS resources of one devbox deployment, created in moto."""
+
+    def __init__(self, with_dns: bool = True) -> None:
+        self.ec2 = boto3.client("ec2", region_name=REGION)
+        self.route53 = boto3.client("route53", region_name=REGION)
+        vpc_id = self.ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+        self.group_id = self.ec2.create_security_group(
+            GroupName="devbox", Description="devbox access", VpcId=vpc_id
+        )["GroupId"]
+        self.instance_id = self.ec2.run_instances(
+            ImageId=IMAGE_ID,
+            InstanceType="t3.large",
+            MinCount=1,
+            MaxCount=1,
+            SecurityGroupIds=[self.group_id],
+            InstanceMarketOptions={
+                "MarketType": "spot",
+                "SpotOptions": {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"},
+            },
+        )["Instances"][0]["InstanceId"]
+        self.zone_id = ""
+        if with_dns:
+            zone = self.route53.create_hosted_zone(Name="example.com", CallerReference="devbox-tests")
+            self.zone_id = zone["HostedZone"]["Id"].rsplit("/", 1)[-1]
+
+    def env(self, **overrides: str) -> Dict[str, str]:
+        """The stage's environment variables for this deployment."""
+        values = {
+            "INSTANCE_ID": self.instance_id,
+            "SECURITY_GROUP_ID": self.group_id,
+            "HOSTED_ZONE_ID": self.zone_id,
+            "DOMAIN_NAME": DOMAIN if self.zone_id else "",
+            "DNS_TTL": "60",
+            "SSH_PORT": "22",
+        }
+        values.update(overrides)
+        return values
+
+    def state(self) -> str:
+        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+    def public_ip(self) -> Optional[str]:
+        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        return reservations[0]["Instances"][0].get("PublicIpAddress")
+
+    def stop(self) -> None:
+        self.ec2.stop_instances(InstanceIds=[self.instance_id])
+
+    def rules(self) -> List[Dict[str, Any]]:
+        """Inbound rules of the group."""
+        found = self.ec2.describe_security_group_rules(Filters=[{"Name": "group-id", "Values": [self.group_id]}])
+        return [r for r in found["SecurityGroupRules"] if not r["IsEgress"]]
+
+    def rule_cidrs(self) -> List[str]:
+        return sorted(r.get("CidrIpv4") or r.get("CidrIpv6") for r in self.rules())
+
+    def add_manual_rule(self, cidr: str = "198.51.100.0/24", port: int = 22) -> None:
+        """A rule a person added by hand (no devbox description)."""
+        self.ec2.authorize_security_group_ingress(
+            GroupId=self.group_id,
+            IpPermissions=[{"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
+                            "IpRanges": [{"CidrIp": cidr, "Description": "office"}]}],
+        )
+
+    def a_records(self) -> List[Dict[str, Any]]:
+        if not self.zone_id:
+            return []
+        sets = self.route53.list_resource_record_sets(HostedZoneId=self.zone_id)["ResourceRecordSets"]
+        return [r for r in sets if r["Type"] == "A"]
+
+
+@pytest.fixture
+def devbox(moto: None) -> Devbox:
+    """A running spot devbox with its group and hosted zone."""
+    return Devbox()
+
+
+@pytest.fixture
+def stopped_devbox(devbox: Devbox) -> Devbox:
+    devbox.stop()
+    return devbox
+
+
+def write_project(directory: Path, env: Dict[str, str]) -> Path:
+    """A Chalice project folder whose dev stage carries the given environment."""
+    chalice_dir = directory / ".chalice"
+    chalice_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    config["stages"]["dev"]["environment_variables"] = env
+    (chalice_dir / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator[Callable[..., Client]]:
+    """Build a chalice test client for the app with a given stage environment."""
+    from app import app
+
+    clients: List[Client] = []
+
+    def build(env: Dict[str, str]) -> Client:
+        project = write_project(tmp_path / f"project{len(clients)}", env)
+        test_client = Client(app, stage_name="dev", project_dir=str(project))
+        clients.append(test_client)
+        return test_client
+
+    yield build
+
+
+@pytest.fixture
+def api(devbox: Devbox, make_client: Callable[..., Client]) -> Client:
+    return make_client(devbox.env())
+
+
+@pytest.fixture
+def caller_ip(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Make the next requests come from another source IP (as API Gateway reports it)."""
+
+    def use(ip: str) -> None:
+        monkeypatch.setattr(LambdaEventConverter, "LOCAL_SOURCE_IP", ip)
+
+    return use
+
+
+def state_event(client: Client, instance_id: str, state: str, when: Optional[datetime] = None) -> Dict[str, Any]:
+    """An EC2 state-change event as EventBridge delivers it."""
+    event = client.events.generate_cw_event(
+        source="aws.ec2",
+        detail_type="EC2 Instance State-change Notification",
+        detail={"instance-id": instance_id, "state": state},
+        resources=[f"arn:aws:ec2:{REGION}:123456789012:instance/{instance_id}"],
+        region=REGION,
+    )
+    event["time"] = (when or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return event
+
+
+class CallLog:
+    """AWS API calls made through the app's clients, recorded with botocore's event hooks."""
+
+    def __init__(self) -> None:
+        self.calls: List[str] = []
+
+    def record(self, model: Any, **_: Any) -> None:
+        self.calls.append(model.name)
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+
+@pytest.fixture
+def aws_calls(moto: None) -> CallLog:
+    """Count every API call the app's EC2 and Route53 clients make."""
+    log = CallLog()
+    for service in ("ec2", "route53"):
+        aws.client(service).meta.events.register("before-call", log.record)
+    return log
+
+
+class _RawBody:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._data
+
+
+def _error_body(service: str, code: str) -> bytes:
+    if service == "ec2":
+        return (f"<Response><Errors><Error><Code>{code}</Code><Message>injected {code}</Message></Error>"
+                "</Errors><RequestID>test</RequestID></Response>").encode()
+    return (f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>injected {code}</Message>"
+            "</Error><RequestId>test</RequestId></ErrorResponse>").encode()
+
+
+class _FakeHttp:
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+        self.headers: Dict[str, str] = {}
+
+
+@pytest.fixture
+def inject_fault(moto: None) -> Callable[..., None]:
+    """Make one operation of the app's client fail with a real AWS error code; all else goes to moto.
+
+    By default the fault replaces the whole call (before-call), so moto never performs it.
+    With ``retried=True`` it replaces each HTTP attempt (before-send) so botocore's retry
+    logic sees it as it would see AWS's answer; moto still runs those attempts, so use that
+    only for read-only operations.
+    """
+    from botocore.awsrequest import AWSResponse
+
+    def inject(service: str, operation: str, code: str, status: int = 400,
+               times: Optional[int] = None, retried: bool = False) -> None:
+        remaining = [times]
+
+        def exhausted() -> bool:
+            if remaining[0] is None:
+                return False
+            remaining[0] -= 1
+            return remaining[0] < 0
+
+        def fail_call(**_: Any) -> Any:
+            if exhausted():
+                return None
+            return _FakeHttp(status), {"Error": {"Code": code, "Message": f"injected {code}"},
+                                       "ResponseMetadata": {"HTTPStatusCode": status}}
+
+        def fail_send(request: Any, **_: Any) -> Any:
+            if exhausted():
+                return None
+            return AWSResponse(request.url, status, {}, _RawBody(_error_body(service, code)))
+
+        meta = aws.client(service).meta
+        service_id = meta.service_model.service_id.hyphenize()
+        if retried:
+            meta.events.register(f"before-send.{service_id}.{operation}", fail_send)
+        else:
+            meta.events.register(f"before-call.{service_id}.{operation}", fail_call)
+
+    return inject

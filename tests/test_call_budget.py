@@ -1,0 +1,41 @@
+"""How many AWS calls each operation makes (each is latency and API quota)."""
+from tests.conftest import state_event
+
+
+def test_status_makes_at_most_two_calls(api, aws_calls):
+    api.http.get("/status")
+    assert aws_calls.calls == ["DescribeInstances", "DescribeSecurityGroupRules"]
+
+
+def test_warm_start_makes_at_most_three_calls(api, aws_calls, caller_ip):
+    caller_ip("203.0.113.7")
+    api.http.post("/start")
+    aws_calls.reset()
+    assert api.http.post("/start").status_code == 200
+    assert len(aws_calls.calls) <= 3
+    assert aws_calls.calls == ["DescribeInstances", "DescribeSecurityGroupRules"]
+
+
+def test_cold_start_makes_four_calls(stopped_devbox, make_client, aws_calls, caller_ip):
+    caller_ip("203.0.113.7")
+    make_client(stopped_devbox.env()).http.post("/start")
+    assert aws_calls.calls == [
+        "DescribeInstances", "DescribeSecurityGroupRules", "AuthorizeSecurityGroupIngress", "StartInstances",
+    ]
+
+
+def test_running_handler_makes_two_calls(api, devbox, aws_calls):
+    api.lambda_.invoke("on_running", state_event(api, devbox.instance_id, "running"))
+    assert aws_calls.calls == ["DescribeInstances", "ChangeResourceRecordSets"]
+
+
+def test_stopped_handler_makes_at_most_five_calls(api, devbox, aws_calls):
+    api.http.post("/start")
+    api.lambda_.invoke("on_running", state_event(api, devbox.instance_id, "running"))
+    devbox.stop()
+    aws_calls.reset()
+    api.lambda_.invoke("on_stopped", state_event(api, devbox.instance_id, "stopped"))
+    assert aws_calls.calls == [
+        "DescribeInstances", "DescribeSecurityGroupRules", "RevokeSecurityGroupIngress",
+        "ListResourceRecordSets", "ChangeResourceRecordSets",
+    ]

@@ -1,0 +1,87 @@
+"""AWS refusing or failing: the caller gets a clear status and no stray access is left."""
+import json
+
+from tests.conftest import state_event
+
+
+def body(response):
+    return json.loads(response.body)
+
+
+def test_capacity_refusal_is_503_and_removes_the_new_rule(stopped_devbox, make_client, caller_ip, inject_fault):
+    caller_ip("203.0.113.7")
+    inject_fault("ec2", "StartInstances", "InsufficientInstanceCapacity", status=500)
+    response = make_client(stopped_devbox.env()).http.post("/start")
+    assert response.status_code == 503
+    assert "capacity" in body(response)["Message"]
+    assert stopped_devbox.rules() == []
+    assert stopped_devbox.state() == "stopped"
+
+
+def test_incorrect_state_refusal_is_409_and_removes_the_new_rule(stopped_devbox, make_client, caller_ip, inject_fault):
+    caller_ip("203.0.113.7")
+    inject_fault("ec2", "StartInstances", "IncorrectInstanceState")
+    response = make_client(stopped_devbox.env()).http.post("/start")
+    assert response.status_code == 409
+    assert stopped_devbox.rules() == []
+
+
+def test_failed_start_keeps_rules_of_callers_already_allowed(stopped_devbox, make_client, caller_ip, inject_fault):
+    api = make_client(stopped_devbox.env())
+    caller_ip("203.0.113.7")
+    api.http.post("/start")
+    stopped_devbox.stop()
+    inject_fault("ec2", "StartInstances", "InsufficientInstanceCapacity", status=500)
+    assert api.http.post("/start").status_code == 503
+    assert stopped_devbox.rule_cidrs() == ["203.0.113.7/32", "203.0.113.7/32"]
+
+
+def test_spot_stopped_box_says_ec2_restarts_it(stopped_devbox, make_client, monkeypatch):
+    from chalicelib import instance
+
+    real = instance.describe_instance
+
+    def spot_stopped(ec2, instance_id):
+        found = real(ec2, instance_id)
+        found["StateReason"] = {"Code": instance.SPOT_SHUTDOWN, "Message": "Server.SpotInstanceShutdown"}
+        return found
+
+    monkeypatch.setattr(instance, "describe_instance", spot_stopped)
+    response = make_client(stopped_devbox.env()).http.post("/start")
+    assert response.status_code == 409
+    assert "spot service" in body(response)["Message"]
+    assert stopped_devbox.rules() == []
+
+
+def test_describe_failure_is_503_with_message_not_traceback(api, inject_fault):
+    inject_fault("ec2", "DescribeInstances", "RequestLimitExceeded", status=503, retried=True)
+    response = api.http.get("/status")
+    assert response.status_code == 503
+    assert "RequestLimitExceeded" in body(response)["Message"]
+    assert "Traceback" not in response.body.decode()
+
+
+def test_throttled_describe_is_retried_and_succeeds(api, inject_fault, aws_calls):
+    inject_fault("ec2", "DescribeInstances", "RequestLimitExceeded", status=503, times=1, retried=True)
+    response = api.http.get("/status")
+    assert response.status_code == 200
+    assert aws_calls.calls == ["DescribeInstances", "DescribeSecurityGroupRules"]
+
+
+def test_route53_failure_in_running_handler_raises_for_lambda_retry(api, devbox, inject_fault):
+    inject_fault("route53", "ChangeResourceRecordSets", "InvalidInput")
+    event = state_event(api, devbox.instance_id, "running")
+    try:
+        api.lambda_.invoke("on_running", event)
+    except Exception as err:  # Lambda marks the invocation failed and retries it
+        assert "InvalidInput" in str(err)
+    else:
+        raise AssertionError("the handler swallowed a Route53 failure")
+    assert devbox.a_records() == []
+
+
+def test_stop_while_pending_is_409(api, devbox, inject_fault):
+    inject_fault("ec2", "StopInstances", "IncorrectInstanceState")
+    response = api.http.post("/stop")
+    assert response.status_code == 409
+    assert "try again" in body(response)["Message"]
