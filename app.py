@@ -1,7 +1,7 @@
 """devbox: start an EC2 spot devbox on demand, let the caller in, keep DNS in step."""
 from typing import Any, Callable, Dict
 
-from chalice import Chalice, IAMAuthorizer, Response
+from chalice import Chalice, IAMAuthorizer, Rate, Response
 
 from chalicelib import service
 from chalicelib.aws import client
@@ -12,6 +12,7 @@ from chalicelib.payload import parse_body, parse_event_time
 app = Chalice(app_name="devbox")
 iam = IAMAuthorizer()
 STATE_CHANGE = {"source": ["aws.ec2"], "detail-type": ["EC2 Instance State-change Notification"]}
+INTERRUPTIONS = ["EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation"]
 
 
 def _answer(operation: Callable[[], Dict[str, Any]]) -> Any:
@@ -37,8 +38,8 @@ def status() -> Any:
 @app.route("/start", methods=["POST"], authorizer=iam)
 def start() -> Any:
     def run() -> Dict[str, Any]:
-        parse_body(app.current_request.raw_body, allowed_fields=())
-        return service.start(client("ec2"), Config.from_env(), _source_ip())
+        body = parse_body(app.current_request.raw_body, allowed_fields=("instance_type",))
+        return service.start(client("ec2"), Config.from_env(), _source_ip(), body.get("instance_type"))
 
     return _answer(run)
 
@@ -54,13 +55,23 @@ def stop() -> Any:
 
 @app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["running"]}}, name="on_running")
 def on_running(event: Any) -> None:
-    outcome = service.on_running(client("ec2"), client("route53"), Config.from_env(), event.detail.get("instance-id"))
+    outcome = service.on_running(client, Config.from_env(), event.detail.get("instance-id"))
     app.log.info("running event: %s", outcome)
 
 
 @app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["stopped", "terminated"]}}, name="on_stopped")
 def on_stopped(event: Any) -> None:
-    outcome = service.on_stopped(
-        client("ec2"), client("route53"), Config.from_env(), event.detail.get("instance-id"), parse_event_time(event.time)
-    )
+    outcome = service.on_stopped(client, Config.from_env(), event.detail.get("instance-id"), parse_event_time(event.time))
     app.log.info("stopped event: %s", outcome)
+
+
+@app.on_cw_event({"source": ["aws.ec2"], "detail-type": INTERRUPTIONS}, name="on_interruption")
+def on_interruption(event: Any) -> None:
+    outcome = service.on_interruption(client, Config.from_env(), event.detail.get("instance-id"), event.detail_type,
+                                      event.detail, parse_event_time(event.time))
+    app.log.info("interruption event: %s", outcome)
+
+
+@app.schedule(Rate(15, unit=Rate.MINUTES), name="housekeeping")
+def housekeeping(event: Any) -> None:
+    app.log.info("housekeeping: %s", service.housekeeping(client, Config.from_env()))

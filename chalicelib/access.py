@@ -6,12 +6,12 @@ Every rule the app adds carries a description of the form
 """
 import ipaddress
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from botocore.exceptions import ClientError
 
-from chalicelib.errors import InvalidRequestError, aws_failure
+from chalicelib.errors import InvalidRequestError, QuotaError, aws_failure
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -95,7 +95,7 @@ def allowed_cidrs(rules: Iterable[IngressRule]) -> List[str]:
 
 def session_permissions(network: Any, port: int, now: datetime) -> List[Dict[str, Any]]:
     """The SSH and ping permissions for one caller, described as the app's own."""
-    description = f"{DESCRIPTION_PREFIX} for={network.network_address} at={now.strftime(_TIME_FORMAT)}"
+    description = _description(network, now)
     if network.version == 4:
         ranges = {"IpRanges": [{"CidrIp": str(network), "Description": description}]}
         icmp = "icmp"
@@ -143,6 +143,75 @@ def allow_caller(ec2: EC2Client, group_id: str, permissions: Sequence[Dict[str, 
     return added
 
 
+@dataclass(frozen=True)
+class AccessPlan:
+    """What one start changes in the group: at most one call for each field that is not empty."""
+
+    revoke: List[IngressRule]
+    add: List[Dict[str, Any]]
+    refresh: List[IngressRule]
+
+
+def plan_access(
+    rules: Sequence[IngressRule],
+    network: Any,
+    permissions: Sequence[Dict[str, Any]],
+    now: datetime,
+    ttl: timedelta,
+    quota: int,
+) -> AccessPlan:
+    """Decide which rules to prune, add and refresh so the caller gets in.
+
+    Prunes the app's rules older than ``ttl`` (other callers' only: the caller's own are
+    refreshed instead), then, if adding the caller's rules would reach the group's rule
+    quota (counted per address family, as AWS does), the oldest app rules of other
+    callers. Rules a person added are never touched.
+    """
+    caller = str(network)
+    stale = [r for r in app_rules(rules) if r.cidr != caller and _older(r, now - ttl)]
+    kept = [r for r in rules if r not in stale]
+    add = missing_permissions(kept, permissions)
+    family = network.version
+    in_family = [r for r in kept if _family(r.cidr) == family]
+    excess = len(in_family) + len(add) - quota
+    if excess > 0:
+        evictable = sorted(
+            (r for r in app_rules(in_family) if r.cidr != caller),
+            key=lambda r: r.added_at or datetime.min.replace(tzinfo=timezone.utc),
+        )
+        if len(evictable) < excess:
+            raise QuotaError(
+                f"the security group holds {len(in_family)} IPv{family} rules, too many of them added by hand, "
+                f"to add {len(add)} more within the quota of {quota}; remove some manual rules"
+            )
+        stale += evictable[:excess]
+    refresh_before = now - ttl / 4
+    refresh = [r for r in app_rules(kept) if r.cidr == caller and _older(r, refresh_before)]
+    return AccessPlan(revoke=stale, add=add, refresh=[r for r in refresh if r not in stale])
+
+
+def refresh_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule], network: Any, now: datetime) -> None:
+    """Stamp the caller's existing rules with the current time, so pruning spares an active caller."""
+    if not rules:
+        return
+    description = _description(network, now)
+    # The IpPermissions form (not SecurityGroupRuleDescriptions) works in AWS and in moto alike.
+    permissions = []
+    for rule in rules:
+        ranges_key, cidr_key = ("Ipv6Ranges", "CidrIpv6") if _family(rule.cidr) == 6 else ("IpRanges", "CidrIp")
+        permissions.append({"IpProtocol": rule.protocol, "FromPort": rule.from_port, "ToPort": rule.to_port,
+                            ranges_key: [{cidr_key: rule.cidr, "Description": description}]})
+    try:
+        ec2.update_security_group_rule_descriptions_ingress(GroupId=group_id, IpPermissions=permissions)
+    except ClientError as err:
+        raise aws_failure(err, "refresh the caller's access rule") from err
+
+
+def expired_rules(rules: Sequence[IngressRule], now: datetime, ttl: timedelta) -> List[IngressRule]:
+    """The app's rules older than the access TTL."""
+    return [r for r in app_rules(rules) if _older(r, now - ttl)]
+
+
 def revoke_permissions(ec2: EC2Client, group_id: str, permissions: Sequence[Dict[str, Any]]) -> None:
     """Remove permissions this request added (undo after a failed start)."""
     if not permissions:
@@ -178,6 +247,19 @@ def revoke_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule]) ->
             if not _code(err).endswith(".NotFound"):
                 raise aws_failure(err, "revoke access rules") from err
     return revoked
+
+
+def _description(network: Any, now: datetime) -> str:
+    return f"{DESCRIPTION_PREFIX} for={network.network_address} at={now.strftime(_TIME_FORMAT)}"
+
+
+def _older(rule: IngressRule, cutoff: datetime) -> bool:
+    # A garbled time counts as old: such a rule would otherwise never be pruned.
+    return rule.added_at is None or rule.added_at < cutoff
+
+
+def _family(cidr: str) -> int:
+    return 6 if ":" in cidr else 4
 
 
 def _rule(item: Dict[str, Any]) -> IngressRule:

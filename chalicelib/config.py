@@ -2,7 +2,7 @@
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 from chalicelib.errors import ConfigError
 
@@ -10,6 +10,8 @@ _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
 _GROUP_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
 _ZONE_ID = re.compile(r"^(/hostedzone/)?[A-Z0-9]{1,32}$")
 # A DNS name of labels 1-63 long, 253 characters at most, no trailing dot needed.
+_TOPIC = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 _DOMAIN = re.compile(r"^(?=.{1,253}\.?$)([a-zA-Z0-9_]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}\.?$")
 
 
@@ -23,6 +25,11 @@ class Config:
     domain_name: Optional[str] = None
     dns_ttl: int = 60
     ssh_port: int = 22
+    access_ttl_hours: float = 12.0
+    rule_quota: int = 60
+    max_runtime_hours: Optional[float] = None
+    notify_topic_arn: Optional[str] = None
+    allowed_instance_types: Tuple[str, ...] = ()
 
     @property
     def dns_managed(self) -> bool:
@@ -44,6 +51,12 @@ class Config:
             domain_name=domain.rstrip(".").lower() if domain else None,
             dns_ttl=_integer(env, "DNS_TTL", 60, 0, 2147483647),
             ssh_port=_integer(env, "SSH_PORT", 22, 1, 65535),
+            access_ttl_hours=_hours(env, "ACCESS_TTL_HOURS", 12.0) or 12.0,
+            # AWS counts at most 60 inbound rules per group and address family by default.
+            rule_quota=_integer(env, "RULE_QUOTA", 60, 2, 1000),
+            max_runtime_hours=_hours(env, "MAX_RUNTIME_HOURS", None),
+            notify_topic_arn=_optional(env, "NOTIFY_TOPIC_ARN", _TOPIC, "an SNS topic ARN"),
+            allowed_instance_types=_instance_types(env, "ALLOWED_INSTANCE_TYPES"),
         )
 
 
@@ -76,3 +89,25 @@ def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: in
     if not low <= value <= high:
         raise ConfigError(f"{name} is out of range ({value}): it must be between {low} and {high}")
     return value
+
+
+def _hours(env: Mapping[str, str], name: str, default: Optional[float]) -> Optional[float]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} is malformed ({raw!r}): it must be a number of hours") from None
+    if not 0 < value <= 24 * 365:
+        raise ConfigError(f"{name} is out of range ({raw}): it must be more than 0 and at most 8760 hours")
+    return value
+
+
+def _instance_types(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
+    raw = env.get(name, "")
+    types = tuple(t.strip() for t in raw.split(",") if t.strip())
+    for value in types:
+        if not _INSTANCE_TYPE.match(value):
+            raise ConfigError(f"{name} holds a malformed instance type ({value!r}): e.g. t3.large,m6i.xlarge")
+    return types

@@ -39,6 +39,13 @@ class StateConflictError(DevboxError):
     code = "ConflictError"
 
 
+class QuotaError(DevboxError):
+    """The security group has no room for another caller's rules."""
+
+    status_code = 409
+    code = "ConflictError"
+
+
 class CapacityError(DevboxError):
     """AWS has no capacity for the instance right now."""
 

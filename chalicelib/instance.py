@@ -15,6 +15,7 @@ else:
 # The state reason EC2 records when the spot service stopped the instance; only
 # EC2 may start it again, when capacity returns (persistent request).
 SPOT_SHUTDOWN = "Server.SpotInstanceShutdown"
+INTERRUPTION_TAG = "devbox:last-interruption"
 _CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity"}
 _STATE_CODES = {"IncorrectInstanceState", "IncorrectSpotRequestState", "UnsupportedOperation", "IncorrectState"}
 
@@ -120,4 +121,37 @@ def status_document(
         "dns_name": dns_name,
         "launch_time": launch_time if state in ("pending", "running") else None,
         "allowed_ips": allowed_ips,
+        "last_interruption": tag_value(instance, INTERRUPTION_TAG),
     }
+
+
+def tag_value(instance: Dict[str, Any], key: str) -> Optional[str]:
+    """The value of one of the instance's tags, or None."""
+    for tag in instance.get("Tags", []):
+        if tag["Key"] == key:
+            return str(tag["Value"])
+    return None
+
+
+def set_tags(ec2: EC2Client, instance_id: str, tags: Dict[str, str]) -> None:
+    """Record values on the instance itself (read back for free by every describe)."""
+    try:
+        ec2.create_tags(Resources=[instance_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+    except (ClientError, BotoCoreError) as err:
+        raise aws_failure(err, "tag the instance") from err
+
+
+def change_type(ec2: EC2Client, instance_id: str, instance_type: str) -> None:
+    """Change a stopped instance's type."""
+    try:
+        ec2.modify_instance_attribute(InstanceId=instance_id, InstanceType={"Value": instance_type})
+    except ClientError as err:
+        code = err.response["Error"]["Code"]
+        if code in _STATE_CODES or code in ("InvalidParameterValue", "InvalidInstanceAttributeValue"):
+            raise StateConflictError(
+                f"EC2 refused to change the devbox to {instance_type}: {err.response['Error'].get('Message') or code}"
+            ) from err
+        raise aws_failure(err, f"change the instance type to {instance_type}") from err
+    except BotoCoreError as err:
+        raise aws_failure(err, f"change the instance type to {instance_type}") from err
+

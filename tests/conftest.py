@@ -197,7 +197,7 @@ class CallLog:
 def aws_calls(moto: None) -> CallLog:
     """Count every API call the app's EC2 and Route53 clients make."""
     log = CallLog()
-    for service in ("ec2", "route53"):
+    for service in ("ec2", "route53", "sns"):
         aws.client(service).meta.events.register("before-call", log.record)
     return log
 
@@ -264,3 +264,23 @@ def inject_fault(moto: None) -> Callable[..., None]:
             meta.events.register(f"before-call.{service_id}.{operation}", fail_call)
 
     return inject
+
+
+def add_app_rule(box: Devbox, ip: str, added_at: datetime, port: int = 22) -> None:
+    """A rule as the app adds it, with the given age."""
+    stamp = added_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    box.ec2.authorize_security_group_ingress(
+        GroupId=box.group_id,
+        IpPermissions=[{"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
+                        "IpRanges": [{"CidrIp": f"{ip}/32", "Description": f"devbox-access for={ip} at={stamp}"}]}],
+    )
+
+
+def scheduled_event(client: Client) -> Dict[str, Any]:
+    """The event EventBridge sends to a scheduled function."""
+    event = client.events.generate_cw_event(
+        source="aws.events", detail_type="Scheduled Event", detail={},
+        resources=[f"arn:aws:events:{REGION}:123456789012:rule/devbox-housekeeping"], region=REGION,
+    )
+    event["time"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return event

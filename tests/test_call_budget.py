@@ -24,9 +24,19 @@ def test_cold_start_makes_four_calls(stopped_devbox, make_client, aws_calls, cal
     ]
 
 
-def test_running_handler_makes_two_calls(api, devbox, aws_calls):
+def test_running_handler_makes_four_calls_for_a_spot_box(api, devbox, aws_calls):
     api.lambda_.invoke("on_running", state_event(api, devbox.instance_id, "running"))
-    assert aws_calls.calls == ["DescribeInstances", "ChangeResourceRecordSets"]
+    assert aws_calls.calls == [
+        "DescribeInstances", "DescribeSpotPriceHistory", "CreateTags", "ChangeResourceRecordSets",
+    ]
+
+
+def test_status_reads_cost_from_tags_without_extra_calls(api, devbox, aws_calls):
+    api.lambda_.invoke("on_running", state_event(api, devbox.instance_id, "running"))
+    aws_calls.reset()
+    doc = api.http.get("/status").json_body
+    assert len(aws_calls.calls) == 2
+    assert doc["spot_price_per_hour"] is not None
 
 
 def test_stopped_handler_makes_at_most_five_calls(api, devbox, aws_calls):

@@ -1,0 +1,123 @@
+"""Access hygiene: expired rules pruned, the group kept under its rule quota, manual rules untouched."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from chalicelib import access
+from tests.conftest import add_app_rule, scheduled_event
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+
+
+def rule(rule_id, cidr, at=None, protocol="tcp", port=22, manual=False):
+    ip = cidr.split("/")[0]
+    description = "office" if manual else f"devbox-access for={ip} at={(at or NOW).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return access.IngressRule(rule_id, protocol, port, port, cidr, description)
+
+
+def plan(rules, ip="203.0.113.7", quota=60, ttl_hours=12):
+    network = access.caller_network(ip)
+    return access.plan_access(rules, network, access.session_permissions(network, 22, NOW), NOW,
+                              timedelta(hours=ttl_hours), quota)
+
+
+def test_rule_description_records_who_and_when():
+    network = access.caller_network("203.0.113.7")
+    permissions = access.session_permissions(network, 22, NOW)
+    description = permissions[0]["IpRanges"][0]["Description"]
+    assert description == "devbox-access for=203.0.113.7 at=2026-11-28T12:00:00Z"
+    parsed = rule("r", "203.0.113.7/32", at=NOW)
+    assert parsed.added_by_app and parsed.added_at == NOW
+
+
+def test_expired_rules_of_other_callers_are_pruned():
+    old = rule("old", "198.51.100.1/32", at=NOW - timedelta(hours=13))
+    fresh = rule("fresh", "198.51.100.2/32", at=NOW - timedelta(hours=1))
+    result = plan([old, fresh])
+    assert result.revoke == [old]
+    assert len(result.add) == 2
+
+
+def test_manual_rules_are_never_pruned_however_old():
+    manual = rule("m", "198.51.100.0/24", manual=True)
+    assert plan([manual]).revoke == []
+
+
+def test_callers_own_ageing_rule_is_refreshed_not_pruned():
+    mine = [rule("t", "203.0.113.7/32", at=NOW - timedelta(hours=13)),
+            rule("i", "203.0.113.7/32", at=NOW - timedelta(hours=13), protocol="icmp", port=8)]
+    mine[1] = access.IngressRule("i", "icmp", 8, -1, "203.0.113.7/32", mine[1].description)
+    result = plan(mine)
+    assert result.revoke == [] and result.add == []
+    assert {r.rule_id for r in result.refresh} == {"t", "i"}
+
+
+def test_recent_rule_of_caller_needs_no_call():
+    mine = [rule("t", "203.0.113.7/32", at=NOW - timedelta(minutes=5)),
+            access.IngressRule("i", "icmp", 8, -1, "203.0.113.7/32",
+                               f"devbox-access for=203.0.113.7 at={NOW.strftime('%Y-%m-%dT%H:%M:%SZ')}")]
+    result = plan(mine)
+    assert result.revoke == [] and result.add == [] and result.refresh == []
+
+
+def test_full_group_evicts_oldest_app_rules_first():
+    rules = [rule(f"r{i}", f"198.51.100.{i}/32", at=NOW - timedelta(hours=i)) for i in range(1, 6)]
+    result = plan(rules, quota=6)
+    # 5 rules + 2 new = 7 > 6: the single oldest app rule goes.
+    assert [r.rule_id for r in result.revoke] == ["r5"]
+
+
+def test_quota_counts_address_families_separately():
+    rules = [rule(f"r{i}", f"2001:db8::{i}/128", at=NOW - timedelta(hours=i)) for i in range(1, 6)]
+    assert plan(rules, quota=6).revoke == []
+
+
+def test_group_full_of_manual_rules_refuses_with_clear_error():
+    rules = [rule(f"m{i}", f"198.51.100.{i}/32", manual=True) for i in range(6)]
+    with pytest.raises(access.QuotaError, match="manual"):
+        plan(rules, quota=6)
+
+
+def test_start_prunes_expired_rules_in_aws(devbox, api, caller_ip):
+    add_app_rule(devbox, "198.51.100.1", datetime.now(timezone.utc) - timedelta(hours=13))
+    add_app_rule(devbox, "198.51.100.2", datetime.now(timezone.utc) - timedelta(hours=1))
+    devbox.add_manual_rule("192.0.2.0/24")
+    caller_ip("203.0.113.7")
+    response = api.http.post("/start")
+    assert response.status_code == 200
+    assert devbox.rule_cidrs() == ["192.0.2.0/24", "198.51.100.2/32", "203.0.113.7/32", "203.0.113.7/32"]
+    assert response.json_body["allowed_ips"] == ["198.51.100.2/32", "203.0.113.7/32"]
+
+
+def test_start_refreshes_an_active_callers_old_rule(devbox, api, caller_ip):
+    add_app_rule(devbox, "203.0.113.7", datetime.now(timezone.utc) - timedelta(hours=5))
+    caller_ip("203.0.113.7")
+    api.http.post("/start")
+    stamps = {r["Description"] for r in devbox.rules()}
+    assert all(access.IngressRule("", "tcp", 0, 0, "", d).added_at > datetime.now(timezone.utc) - timedelta(minutes=1)
+               for d in stamps)
+
+
+def test_full_group_never_reaches_quota(devbox, make_client, caller_ip):
+    api = make_client(devbox.env(RULE_QUOTA="6"))
+    for i in range(1, 6):
+        caller_ip(f"198.51.100.{i}")
+        assert api.http.post("/start").status_code == 200
+        assert len(devbox.rules()) <= 6
+    assert "198.51.100.5/32" in devbox.rule_cidrs()
+    assert "198.51.100.1/32" not in devbox.rule_cidrs()
+
+
+def test_scheduled_job_prunes_expired_rules(devbox, api):
+    add_app_rule(devbox, "198.51.100.1", datetime.now(timezone.utc) - timedelta(hours=13))
+    add_app_rule(devbox, "198.51.100.2", datetime.now(timezone.utc) - timedelta(hours=1))
+    devbox.add_manual_rule("192.0.2.0/24")
+    api.lambda_.invoke("housekeeping", scheduled_event(api))
+    assert devbox.rule_cidrs() == ["192.0.2.0/24", "198.51.100.2/32"]
+
+
+def test_access_ttl_is_configurable(devbox, make_client):
+    add_app_rule(devbox, "198.51.100.2", datetime.now(timezone.utc) - timedelta(hours=2))
+    api = make_client(devbox.env(ACCESS_TTL_HOURS="1"))
+    api.lambda_.invoke("housekeeping", scheduled_event(api))
+    assert devbox.rules() == []
