@@ -197,12 +197,15 @@ class LocalStack:
     """moto server + resources + chalice local + relay, torn down together."""
 
     def __init__(self, workdir: Path, say: Callable[[str], None] = print, api_port: int = 0, moto_port: int = 0,
-                 extra_app_env: Optional[Dict[str, str]] = None) -> None:
+                 extra_app_env: Optional[Dict[str, str]] = None, peer_source_ip: bool = False) -> None:
         self.workdir = workdir
         self.say = say
         self.api_port = api_port or free_port()
         self.moto_port = moto_port or free_port()
         self.extra_app_env = extra_app_env or {}
+        # chalice local reports every caller as 127.0.0.1; the peer server reports the
+        # connection's address, as API Gateway does (for tests with many callers).
+        self.peer_source_ip = peer_source_ip
         self.processes: List[subprocess.Popen] = []
         self.relay: Optional[Relay] = None
         self.app_env: Dict[str, str] = {}
@@ -243,11 +246,14 @@ class LocalStack:
         self.say("created from infra/devbox.yaml in moto's CloudFormation: "
                  + ", ".join(f"{k}={v}" for k, v in self.app_env.items() if v))
         project = write_project(self.workdir / "project", self.app_env)
-        chalice = self._spawn(
-            [str(Path(sys.executable).parent / "chalice"), "--project-dir", str(project), "local",
-             "--host", "127.0.0.1", "--port", str(self.api_port), "--stage", "local", "--no-autoreload"],
-            {**base_env, **aws_environment(self.endpoint)}, "chalice.log",
-        )
+        if self.peer_source_ip:
+            server = [sys.executable, "-m", "devbox.peer_server", "--project-dir", str(project),
+                      "--port", str(self.api_port), "--stage", "local"]
+        else:
+            server = [str(Path(sys.executable).parent / "chalice"), "--project-dir", str(project), "local",
+                      "--host", "127.0.0.1", "--port", str(self.api_port), "--stage", "local", "--no-autoreload"]
+        chalice = self._spawn(server, {**base_env, **aws_environment(self.endpoint), "PYTHONPATH": str(ROOT)},
+                              "chalice.log")
         wait_for_port(self.api_port, 60, chalice)
         self.say(f"chalice local (the devbox API): {self.url}")
         os.environ.update(self.app_env)
