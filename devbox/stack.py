@@ -1,0 +1,210 @@
+"""The devbox stack as the Chalice app sees it.
+
+After a deploy, ``record_stack`` copies the stack's outputs into the stage's
+``environment_variables`` in ``.chalice/config.json`` (CamelCase output -> UPPER_SNAKE
+variable, one rule: botocore's ``xform_name``) and writes ``.chalice/policy-<stage>.json``,
+the Lambda's least-privilege policy for exactly that instance, group and zone.
+``render_template`` is where the CloudFormation template to deploy comes from.
+
+    python -m devbox.stack --stack-name devbox [--stage dev]
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from botocore import xform_name
+from botocore.exceptions import BotoCoreError, ClientError
+
+if TYPE_CHECKING:
+    from mypy_boto3_cloudformation import CloudFormationClient
+else:
+    CloudFormationClient = Any
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "infra" / "devbox.yaml"
+OUTPUT_KEYS = ("InstanceId", "SecurityGroupId", "HostedZoneId", "DomainName")
+
+# Every AWS action the Lambda (app.py and chalicelib/) calls, grouped by the resource the
+# policy lets it act on. Tests compare this with the calls the code makes; keep them in step.
+POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
+    # Describe calls cannot be narrowed to one resource (EC2 evaluates them on "*").
+    "any": ("ec2:DescribeInstances", "ec2:DescribeSecurityGroupRules", "ec2:DescribeSpotPriceHistory"),
+    "instance": ("ec2:StartInstances", "ec2:StopInstances", "ec2:ModifyInstanceAttribute", "ec2:CreateTags"),
+    "security_group": (
+        "ec2:AuthorizeSecurityGroupIngress",
+        "ec2:RevokeSecurityGroupIngress",
+        "ec2:UpdateSecurityGroupRuleDescriptionsIngress",
+    ),
+    "hosted_zone": ("route53:ListResourceRecordSets", "route53:ChangeResourceRecordSets"),
+    "topic": ("sns:Publish",),
+    "logs": ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"),
+}
+
+
+class StackError(Exception):
+    """The stack cannot be recorded (missing, unfinished, or without the outputs)."""
+
+
+def outputs_to_env(outputs: Mapping[str, Any]) -> Dict[str, str]:
+    """Map CamelCase stack outputs to UPPER_SNAKE environment variables (InstanceId -> INSTANCE_ID)."""
+    return {xform_name(key).upper(): "" if value is None else str(value) for key, value in outputs.items()}
+
+
+def parse_stack_arn(stack_id: str) -> Tuple[str, str, str]:
+    """The partition, region and account id of a CloudFormation stack ARN."""
+    parts = stack_id.split(":", 5)
+    if len(parts) != 6 or parts[0] != "arn" or parts[2] != "cloudformation" or not parts[3] or not parts[4]:
+        raise StackError(f"{stack_id!r} is not a CloudFormation stack ARN")
+    return parts[1], parts[3], parts[4]
+
+
+def build_policy(
+    *,
+    partition: str,
+    region: str,
+    account_id: str,
+    instance_id: str,
+    security_group_id: str,
+    hosted_zone_id: Optional[str] = None,
+    notify_topic_arn: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The Lambda's IAM policy document, scoped to one instance, group and (optional) zone."""
+    ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
+    statements: List[Dict[str, Any]] = [
+        _allow("DescribeDevbox", POLICY_ACTIONS["any"], "*"),
+        _allow("StartStopDevbox", POLICY_ACTIONS["instance"], f"{ec2_arn}:instance/{instance_id}"),
+        _allow("ManageCallerAccess", POLICY_ACTIONS["security_group"], f"{ec2_arn}:security-group/{security_group_id}"),
+    ]
+    if hosted_zone_id:
+        # Route53 is global: zone ARNs carry neither region nor account.
+        zone = hosted_zone_id.rsplit("/", 1)[-1]
+        statements.append(_allow("ManageDevboxRecord", POLICY_ACTIONS["hosted_zone"], f"arn:{partition}:route53:::hostedzone/{zone}"))
+    if notify_topic_arn:
+        statements.append(_allow("NotifyUser", POLICY_ACTIONS["topic"], notify_topic_arn))
+    statements.append(_allow("WriteLogs", POLICY_ACTIONS["logs"], f"arn:{partition}:logs:*:*:*"))
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def describe_stack(cfn_client: CloudFormationClient, stack_name: str) -> Optional[Dict[str, Any]]:
+    """The stack's description, or None when no such stack exists."""
+    try:
+        stacks = cfn_client.describe_stacks(StackName=stack_name)["Stacks"]
+    except ClientError as err:
+        # CloudFormation has no NotFound code: a missing stack is a ValidationError.
+        if err.response["Error"]["Code"] == "ValidationError" and "does not exist" in err.response["Error"].get("Message", ""):
+            return None
+        raise
+    return dict(stacks[0]) if stacks else None
+
+
+def stack_outputs(stack: Mapping[str, Any]) -> Dict[str, str]:
+    """The stack's outputs as {OutputKey: OutputValue}; an output without a value reads as ""."""
+    return {item["OutputKey"]: item.get("OutputValue", "") for item in stack.get("Outputs", [])}
+
+
+def record_stack(
+    cfn_client: CloudFormationClient,
+    stack_name: str,
+    project_dir: "str | os.PathLike[str]",
+    stage: str = "dev",
+    region: Optional[str] = None,
+) -> Dict[str, str]:
+    """Write the stack's outputs into the stage's env vars and its policy file; returns the env vars."""
+    stack = describe_stack(cfn_client, stack_name)
+    if stack is None:
+        raise StackError(f"the stack {stack_name} does not exist in this region; deploy it first")
+    status = stack.get("StackStatus", "")
+    if status not in ("CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE", "IMPORT_COMPLETE"):
+        raise StackError(f"the stack {stack_name} is {status}; its outputs are not usable")
+    outputs = stack_outputs(stack)
+    missing = [key for key in ("InstanceId", "SecurityGroupId") if not outputs.get(key)]
+    if missing:
+        raise StackError(f"the stack {stack_name} has no {', '.join(missing)} output; is it a devbox stack?")
+    partition, arn_region, account_id = parse_stack_arn(stack["StackId"])
+    env = outputs_to_env({key: outputs.get(key, "") for key in OUTPUT_KEYS})
+    chalice_dir = Path(project_dir) / ".chalice"
+    config_path = chalice_dir / "config.json"
+    config: Dict[str, Any] = (
+        json.loads(config_path.read_text()) if config_path.exists() else {"version": "2.0", "app_name": "devbox"}
+    )
+    stage_config = config.setdefault("stages", {}).setdefault(stage, {})
+    # The topic is the user's own setting (not a stack output); the policy follows it.
+    topic = stage_config.get("environment_variables", {}).get("NOTIFY_TOPIC_ARN") or None
+    policy = build_policy(
+        partition=partition,
+        region=region or arn_region,
+        account_id=account_id,
+        instance_id=env["INSTANCE_ID"],
+        security_group_id=env["SECURITY_GROUP_ID"],
+        hosted_zone_id=env["HOSTED_ZONE_ID"] or None,
+        notify_topic_arn=topic,
+    )
+    # The generated policy only takes effect with these two; a stage that set them keeps its values.
+    stage_config.setdefault("autogen_policy", False)
+    stage_config.setdefault("iam_policy_file", f"policy-{stage}.json")
+    stage_config.setdefault("environment_variables", {}).update(env)
+    _write_json(config_path, config)
+    _write_json(chalice_dir / f"policy-{stage}.json", policy)
+    return env
+
+
+def render_template(user_data: Optional[str] = None, template_path: Path = TEMPLATE_PATH) -> str:
+    """The template text to deploy; with user data, the launch template runs it (``${IdleMinutes}`` is substituted)."""
+    text = template_path.read_text()
+    if user_data is None:
+        return text
+    import yaml  # only needed to rewrite the template; the file is plain YAML (no short tags)
+
+    template = yaml.safe_load(text)
+    data = template["Resources"]["LaunchTemplate"]["Properties"]["LaunchTemplateData"]
+    data["UserData"] = {"Fn::Base64": {"Fn::Sub": user_data}}
+    return json.dumps(template, indent=1) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Record a deployed stack into .chalice/ (``python -m devbox.stack``)."""
+    parser = argparse.ArgumentParser(prog="python -m devbox.stack", description=main.__doc__)
+    parser.add_argument("--stack-name", required=True, help="CloudFormation stack to record")
+    parser.add_argument("--stage", default="dev", help="Chalice stage to write (default: dev)")
+    parser.add_argument("--project-dir", default=".", help="Chalice project folder (default: .)")
+    parser.add_argument("--profile", help="AWS profile to use")
+    parser.add_argument("--region", help="AWS region of the stack")
+    args = parser.parse_args(argv)
+    import boto3
+
+    try:
+        cfn = boto3.session.Session(profile_name=args.profile, region_name=args.region).client("cloudformation")
+        env = record_stack(cfn, args.stack_name, args.project_dir, stage=args.stage)
+    except (StackError, ClientError, BotoCoreError, OSError, ValueError) as err:
+        print(f"devbox: cannot record the stack {args.stack_name}: {err}", file=sys.stderr)
+        return 1
+    for name, value in env.items():
+        print(f"{name}={value}")
+    print(f"wrote {Path(args.project_dir) / '.chalice'}: config.json (stage {args.stage}), policy-{args.stage}.json")
+    return 0
+
+
+def _allow(sid: str, actions: Sequence[str], resource: str) -> Dict[str, Any]:
+    return {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": resource}
+
+
+def _write_json(path: Path, document: Any) -> None:
+    # Write then rename, so an interrupted run never leaves a truncated config behind.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(document, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

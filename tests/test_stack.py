@@ -1,0 +1,215 @@
+"""Recording a stack into .chalice/: env vars from outputs and the least-privilege policy."""
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from devbox import stack
+from devbox.local import FAKE_IMAGE_ID, IMAGE_PARAMETER, local_template
+from devbox.stack import POLICY_ACTIONS, StackError, build_policy, outputs_to_env, record_stack
+
+REPO = Path(__file__).resolve().parent.parent
+# The stacks here come from devbox.local's copy of infra/devbox.yaml, whose AMI default
+# names a parameter moto can store (moto refuses names under /aws/).
+
+
+@pytest.fixture
+def aws() -> Iterator[None]:
+    """moto, with the AMI parameter the test template reads (fake credentials: conftest)."""
+    with mock_aws():
+        boto3.client("ssm").put_parameter(Name=IMAGE_PARAMETER, Value=FAKE_IMAGE_ID, Type="String")
+        yield
+
+
+@pytest.fixture
+def project_dir(tmp_path: Path) -> Path:
+    (tmp_path / ".chalice").mkdir()
+    shutil.copy(REPO / ".chalice" / "config.json", tmp_path / ".chalice" / "config.json")
+    return tmp_path
+
+
+def create_stack(name: str, **parameters: str) -> Dict[str, Any]:
+    cfn = boto3.client("cloudformation")
+    cfn.create_stack(
+        StackName=name,
+        TemplateBody=local_template(),
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
+    )
+    described = cfn.describe_stacks(StackName=name)["Stacks"][0]
+    assert described["StackStatus"] == "CREATE_COMPLETE"
+    return {o["OutputKey"]: o.get("OutputValue", "") for o in described["Outputs"]}
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def actions(policy: Dict[str, Any]) -> List[str]:
+    return sorted(a for s in policy["Statement"] for a in s["Action"])
+
+
+def test_outputs_map_to_upper_snake_env_vars() -> None:
+    env = outputs_to_env(
+        {"InstanceId": "i-1", "SecurityGroupId": "sg-1", "HostedZoneId": "", "DomainName": "box.example.com"}
+    )
+    assert env == {"INSTANCE_ID": "i-1", "SECURITY_GROUP_ID": "sg-1", "HOSTED_ZONE_ID": "", "DOMAIN_NAME": "box.example.com"}
+
+
+def test_recording_a_stack_without_zone_fills_env_and_keeps_other_keys(aws: None, project_dir: Path) -> None:
+    outputs = create_stack("devbox")
+    env = record_stack(boto3.client("cloudformation"), "devbox", project_dir)
+
+    config = read_json(project_dir / ".chalice" / "config.json")
+    stage = config["stages"]["dev"]
+    assert stage["environment_variables"] == {
+        "INSTANCE_ID": outputs["InstanceId"],
+        "SECURITY_GROUP_ID": outputs["SecurityGroupId"],
+        "HOSTED_ZONE_ID": "",
+        "DOMAIN_NAME": "",
+        "DNS_TTL": "60",
+        "SSH_PORT": "22",
+    }
+    assert env["INSTANCE_ID"] == outputs["InstanceId"]
+    (instance,) = boto3.client("ec2").describe_instances(InstanceIds=[env["INSTANCE_ID"]])["Reservations"][0]["Instances"]
+    assert instance["ImageId"] == FAKE_IMAGE_ID  # the SSM-typed default resolved
+    assert config["app_name"] == "devbox"
+    assert stage["api_gateway_stage"] == "api"
+    assert stage["autogen_policy"] is False
+    assert stage["iam_policy_file"] == "policy-dev.json"
+
+
+def test_policy_without_zone_scopes_ec2_to_the_stack_and_grants_no_route53(aws: None, project_dir: Path) -> None:
+    outputs = create_stack("devbox")
+    record_stack(boto3.client("cloudformation"), "devbox", project_dir)
+
+    policy = read_json(project_dir / ".chalice" / "policy-dev.json")
+    resources = {s["Sid"]: s["Resource"] for s in policy["Statement"]}
+    assert resources["StartStopDevbox"] == f"arn:aws:ec2:us-east-1:123456789012:instance/{outputs['InstanceId']}"
+    assert resources["ManageCallerAccess"] == f"arn:aws:ec2:us-east-1:123456789012:security-group/{outputs['SecurityGroupId']}"
+    assert resources["DescribeDevbox"] == "*"
+    assert resources["WriteLogs"] == "arn:aws:logs:*:*:*"
+    assert not [a for a in actions(policy) if a.startswith("route53:")]
+
+
+def test_stack_that_creates_a_zone_is_recorded_with_it(aws: None, project_dir: Path) -> None:
+    outputs = create_stack("devbox", DomainName="box.example.com", CreateHostedZone="true")
+    zones = boto3.client("route53").list_hosted_zones()["HostedZones"]
+    assert outputs["HostedZoneId"] and zones[0]["Id"].endswith(outputs["HostedZoneId"])
+
+    record_stack(boto3.client("cloudformation"), "devbox", project_dir)
+
+    env = read_json(project_dir / ".chalice" / "config.json")["stages"]["dev"]["environment_variables"]
+    assert env["HOSTED_ZONE_ID"] == outputs["HostedZoneId"]
+    assert env["DOMAIN_NAME"] == "box.example.com"
+    policy = read_json(project_dir / ".chalice" / "policy-dev.json")
+    (zone_statement,) = [s for s in policy["Statement"] if s["Sid"] == "ManageDevboxRecord"]
+    assert zone_statement["Resource"] == f"arn:aws:route53:::hostedzone/{outputs['HostedZoneId']}"
+    assert zone_statement["Action"] == ["route53:ListResourceRecordSets", "route53:ChangeResourceRecordSets"]
+
+
+def test_stack_given_an_existing_zone_is_recorded_with_that_zone(aws: None, project_dir: Path) -> None:
+    zone = boto3.client("route53").create_hosted_zone(Name="example.com", CallerReference="test")["HostedZone"]
+    zone_id = zone["Id"].rsplit("/", 1)[-1]
+    create_stack("devbox", DomainName="box.example.com", HostedZoneId=zone_id)
+
+    record_stack(boto3.client("cloudformation"), "devbox", project_dir)
+
+    env = read_json(project_dir / ".chalice" / "config.json")["stages"]["dev"]["environment_variables"]
+    assert env["HOSTED_ZONE_ID"] == zone_id
+    assert len(boto3.client("route53").list_hosted_zones()["HostedZones"]) == 1
+    policy = read_json(project_dir / ".chalice" / "policy-dev.json")
+    assert f"arn:aws:route53:::hostedzone/{zone_id}" in [s["Resource"] for s in policy["Statement"]]
+
+
+PLACEHOLDER_TOPIC = "arn:aws:sns:us-east-1:123456789012:devbox-alerts"
+
+
+def test_policy_grants_exactly_the_listed_actions() -> None:
+    policy = build_policy(
+        partition="aws", region="us-east-1", account_id="123456789012",
+        instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0", hosted_zone_id="Z1",
+        notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox-alerts",
+    )
+    assert actions(policy) == sorted(a for group in POLICY_ACTIONS.values() for a in group)
+    assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+    # Only describe calls (which EC2 cannot scope) and logs get a wildcard.
+    wide = {a for s in policy["Statement"] if "*" in s["Resource"] for a in s["Action"]}
+    assert wide == set(POLICY_ACTIONS["any"]) | set(POLICY_ACTIONS["logs"])
+
+
+def test_account_and_region_come_from_the_stack_arn(project_dir: Path) -> None:
+    cfn = boto3.client("cloudformation", region_name="us-east-1")
+    stub = Stubber(cfn)
+    stub.add_response(
+        "describe_stacks",
+        {
+            "Stacks": [
+                {
+                    "StackName": "devbox",
+                    "StackId": "arn:aws:cloudformation:eu-west-3:210987654321:stack/devbox/0f0e0d0c",
+                    "CreationTime": "2024-01-01T00:00:00Z",
+                    "StackStatus": "UPDATE_COMPLETE",
+                    "Outputs": [
+                        {"OutputKey": "InstanceId", "OutputValue": "i-0aaaaaaaaaaaaaaaa"},
+                        {"OutputKey": "SecurityGroupId", "OutputValue": "sg-0bbbbbbbbbbbbbbbb"},
+                        {"OutputKey": "HostedZoneId", "OutputValue": "Z0CCCCCCCCCCCC"},
+                        {"OutputKey": "DomainName", "OutputValue": "box.example.com"},
+                    ],
+                }
+            ]
+        },
+        {"StackName": "devbox"},
+    )
+    with stub:
+        record_stack(cfn, "devbox", project_dir)
+    resources = [s["Resource"] for s in read_json(project_dir / ".chalice" / "policy-dev.json")["Statement"]]
+    assert "arn:aws:ec2:eu-west-3:210987654321:instance/i-0aaaaaaaaaaaaaaaa" in resources
+    assert "arn:aws:ec2:eu-west-3:210987654321:security-group/sg-0bbbbbbbbbbbbbbbb" in resources
+    assert "arn:aws:route53:::hostedzone/Z0CCCCCCCCCCCC" in resources
+
+
+def test_recording_a_new_stage_points_it_at_its_own_policy(aws: None, project_dir: Path) -> None:
+    create_stack("devbox-prod")
+    record_stack(boto3.client("cloudformation"), "devbox-prod", project_dir, stage="prod")
+
+    config = read_json(project_dir / ".chalice" / "config.json")
+    assert config["stages"]["prod"]["iam_policy_file"] == "policy-prod.json"
+    assert config["stages"]["prod"]["autogen_policy"] is False
+    assert config["stages"]["dev"]["environment_variables"]["INSTANCE_ID"] == ""
+    assert (project_dir / ".chalice" / "policy-prod.json").exists()
+    assert not (project_dir / ".chalice" / "policy-dev.json").exists()
+
+
+def test_missing_stack_is_an_error_and_writes_nothing(aws: None, project_dir: Path) -> None:
+    before = (project_dir / ".chalice" / "config.json").read_text()
+    with pytest.raises(StackError, match="does not exist"):
+        record_stack(boto3.client("cloudformation"), "nope", project_dir)
+    assert (project_dir / ".chalice" / "config.json").read_text() == before
+    assert not (project_dir / ".chalice" / "policy-dev.json").exists()
+
+
+def test_committed_placeholder_policy_is_what_build_policy_makes() -> None:
+    committed = read_json(REPO / ".chalice" / "policy-dev.json")
+    assert committed == build_policy(
+        partition="aws", region="us-east-1", account_id="123456789012",
+        instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
+        hosted_zone_id="Z0123456789ABCDEFGHIJ", notify_topic_arn=PLACEHOLDER_TOPIC,
+    )
+
+
+def test_command_line_records_the_stack(aws: None, project_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outputs = create_stack("devbox")
+    assert stack.main(["--stack-name", "devbox", "--project-dir", str(project_dir)]) == 0
+    env = read_json(project_dir / ".chalice" / "config.json")["stages"]["dev"]["environment_variables"]
+    assert env["INSTANCE_ID"] == outputs["InstanceId"]
+    assert f"INSTANCE_ID={outputs['InstanceId']}" in capsys.readouterr().out
+
+
+def test_command_line_reports_a_missing_stack_on_stderr(aws: None, project_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert stack.main(["--stack-name", "nope", "--project-dir", str(project_dir)]) == 1
+    assert "nope does not exist" in capsys.readouterr().err
