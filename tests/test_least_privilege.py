@@ -1,0 +1,111 @@
+"""Least privilege: the policy the deploy step writes grants exactly what the code calls."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import botocore.session
+import pytest
+
+from devbox.stack import POLICY_ACTIONS, build_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+IAM_PREFIX = {"ec2": "ec2", "route53": "route53", "sns": "sns"}
+# Reads that EC2 evaluates on "*" only; everything else must name its resource.
+READ_ONLY = re.compile(r"^[a-z0-9]+:(Describe|List|Get)")
+
+
+def code_actions():
+    """IAM actions for every AWS call in chalicelib/, found by reading the code."""
+    session = botocore.session.get_session()
+    found = set()
+    pattern = re.compile(r"\b(ec2|route53|sns)\.([a-z_]+)\(")
+    for source in (ROOT / "chalicelib").glob("*.py"):
+        for service, method in pattern.findall(source.read_text()):
+            model = session.get_service_model(service)
+            names = {botocore.xform_name(op): op for op in model.operation_names}
+            assert method in names, f"{source.name}: {service}.{method} is not an AWS operation"
+            found.add(f"{IAM_PREFIX[service]}:{names[method]}")
+    return found
+
+
+def policy_actions(policy):
+    return {action for statement in policy["Statement"] for action in statement["Action"]}
+
+
+def full_policy():
+    return build_policy(partition="aws", region="us-east-1", account_id="123456789012",
+                        instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
+                        hosted_zone_id="Z1", notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox")
+
+
+def test_code_calls_are_found():
+    actions = code_actions()
+    assert {"ec2:StartInstances", "route53:ChangeResourceRecordSets", "sns:Publish"} <= actions
+
+
+def test_policy_grants_every_action_the_code_calls():
+    missing = code_actions() - policy_actions(full_policy())
+    assert not missing, f"the code calls actions the policy lacks: {sorted(missing)}"
+
+
+def test_policy_grants_nothing_the_code_never_calls():
+    granted = policy_actions(full_policy()) - set(POLICY_ACTIONS["logs"])
+    unused = granted - code_actions()
+    assert not unused, f"the policy grants actions the code never calls: {sorted(unused)}"
+
+
+def test_no_mutating_action_on_every_resource():
+    for statement in full_policy()["Statement"]:
+        if statement["Resource"] == "*" or statement["Resource"] == ["*"]:
+            mutating = [a for a in statement["Action"] if not READ_ONLY.match(a)]
+            assert not mutating, f"{statement['Sid']} grants {mutating} on *"
+
+
+def test_committed_policy_file_has_no_mutating_wildcards():
+    policy = json.loads((ROOT / ".chalice" / "policy-dev.json").read_text())
+    assert policy_actions(policy) - set(POLICY_ACTIONS["logs"]) == code_actions()
+    for statement in policy["Statement"]:
+        if statement["Resource"] == "*":
+            assert all(READ_ONLY.match(a) for a in statement["Action"])
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    """The SAM template `chalice package` emits for the dev stage."""
+    out = tmp_path_factory.mktemp("package")
+    chalice = Path(sys.executable).parent / "chalice"
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1"}
+    subprocess.run([str(chalice), "package", "--stage", "dev", str(out)], cwd=str(ROOT), env=env, check=True,
+                   capture_output=True)
+    return json.loads((out / "sam.json").read_text())
+
+
+def test_packaged_template_carries_the_policy_file(packaged):
+    committed = json.loads((ROOT / ".chalice" / "policy-dev.json").read_text())
+    roles = [r for r in packaged["Resources"].values() if r["Type"] == "AWS::IAM::Role"]
+    assert roles, "chalice package made no role"
+    for role in roles:
+        documents = [p["PolicyDocument"] for p in role["Properties"]["Policies"]]
+        assert committed in documents
+
+
+def test_packaged_template_has_every_route_iam_authorized(packaged):
+    api = next(r for r in packaged["Resources"].values() if r["Type"] == "AWS::Serverless::Api")
+    paths = api["Properties"]["DefinitionBody"]["paths"]
+    for path, methods in paths.items():
+        for method, operation in methods.items():
+            assert operation.get("security") == [{"sigv4": []}], f"{method.upper()} {path} is not IAM-authorized"
+
+
+def test_packaged_lambda_bundles_no_boto3(tmp_path):
+    chalice = Path(sys.executable).parent / "chalice"
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1"}
+    subprocess.run([str(chalice), "package", "--stage", "dev", str(tmp_path)], cwd=str(ROOT), env=env, check=True,
+                   capture_output=True)
+    import zipfile
+
+    names = zipfile.ZipFile(tmp_path / "deployment.zip").namelist()
+    assert not any(n.startswith(("boto3/", "botocore/")) for n in names)
