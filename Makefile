@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo local test lint clean
+.PHONY: venv demo local test lint security bench load clean
 
 venv: $(STAMP)
 
@@ -28,5 +28,22 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/cfn-lint infra/devbox.yaml
 
+# checkov pins its own boto3, so it lives in a virtualenv of its own.
+CHECKOV_VENV ?= .venv-checkov
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov
+	touch $@
+
+security: $(STAMP) $(CHECKOV_VENV)/.installed
+	$(PY) scripts/security_scan.py --checkov $(CHECKOV_VENV)/bin/checkov
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+load: $(STAMP)
+	$(PY) -m benchmarks.load
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache
