@@ -7,7 +7,6 @@ infra/devbox.yaml through moto's CloudFormation, serves the Chalice app with
 through start, status and stop with the real `devbox` command and exits.
 """
 import argparse
-import importlib.util
 import json
 import os
 import signal
@@ -15,9 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -126,71 +123,30 @@ def write_project(directory: Path, app_env: Dict[str, str], stage: str = "local"
     return directory
 
 
-def load_app(project: Path) -> Any:
-    """Import the project's app.py (for the relay) and return the module."""
-    sys.path.insert(0, str(project))
-    spec = importlib.util.spec_from_file_location("devbox_local_app", project / "app.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+class RelayProcess:
+    """The relay's process and what it reports in its log."""
 
+    def __init__(self, process: subprocess.Popen, log: Path) -> None:
+        self.process = process
+        self.log = log
 
-class Relay(threading.Thread):
-    """Polls the instance's state in moto and delivers EventBridge-shaped events to the handlers."""
+    def lines(self) -> List[str]:
+        try:
+            return self.log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
 
-    def __init__(self, ec2: Any, instance_id: str, handlers: Dict[str, Callable[[Dict[str, Any], Any], Any]],
-                 say: Callable[[str], None], interval: float = 0.3) -> None:
-        super().__init__(name="devbox-relay", daemon=True)
-        self.ec2 = ec2
-        self.instance_id = instance_id
-        self.handlers = handlers
-        self.say = say
-        self.interval = interval
-        self.stopping = threading.Event()
-        self.delivered: List[str] = []
-        self.errors: List[str] = []
-        self.last_state: Optional[str] = None
+    def ready(self) -> bool:
+        return any(line.startswith("relay: watching") for line in self.lines())
 
-    def current_state(self) -> str:
-        found = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"][0]["Instances"][0]
-        return str(found["State"]["Name"])
+    @property
+    def delivered(self) -> List[str]:
+        """States delivered to the handlers so far, in order."""
+        return [line.split("'")[1] for line in self.lines() if line.startswith("relay: delivered '")]
 
-    def run(self) -> None:
-        self.last_state = self.current_state()
-        while not self.stopping.wait(self.interval):
-            try:
-                self.poll_once()
-            except Exception as err:  # a relay that dies silently would leave DNS and access stale
-                self.errors.append(str(err))
-                self.say(f"relay: {err}")
-
-    def poll_once(self) -> None:
-        """Deliver an event if the state changed since the last poll."""
-        state = self.current_state()
-        if state == self.last_state:
-            return
-        self.last_state = state
-        handler = self.handlers.get(state)
-        if handler is None:
-            return
-        event = {
-            "version": "0",
-            "id": f"local-{time.time_ns()}",
-            "detail-type": "EC2 Instance State-change Notification",
-            "source": "aws.ec2",
-            "account": "123456789012",
-            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "region": REGION,
-            "resources": [f"arn:aws:ec2:{REGION}:123456789012:instance/{self.instance_id}"],
-            "detail": {"instance-id": self.instance_id, "state": state},
-        }
-        handler(event, None)
-        self.delivered.append(state)
-        self.say(f"relay: delivered '{state}' to the app's event handler")
-
-    def stop(self) -> None:
-        self.stopping.set()
+    @property
+    def errors(self) -> List[str]:
+        return [line for line in self.lines() if line.startswith("relay: error")]
 
 
 class LocalStack:
@@ -207,7 +163,7 @@ class LocalStack:
         # connection's address, as API Gateway does (for tests with many callers).
         self.peer_source_ip = peer_source_ip
         self.processes: List[subprocess.Popen] = []
-        self.relay: Optional[Relay] = None
+        self.relay: Optional[RelayProcess] = None
         self.app_env: Dict[str, str] = {}
 
     @property
@@ -256,22 +212,16 @@ class LocalStack:
                               "chalice.log")
         wait_for_port(self.api_port, 60, chalice)
         self.say(f"chalice local (the devbox API): {self.url}")
-        os.environ.update(self.app_env)
-        app_module = load_app(project)
-        import boto3
-
-        ec2 = boto3.client("ec2", endpoint_url=self.endpoint, region_name=REGION)
-        self.relay = Relay(ec2, self.app_env["INSTANCE_ID"],
-                           {"running": app_module.on_running, "stopped": app_module.on_stopped,
-                            "terminated": app_module.on_stopped}, self.say)
-        self.relay.start()
+        relay = self._spawn([sys.executable, "-m", "devbox.relay", "--project-dir", str(project)],
+                            {**base_env, **aws_environment(self.endpoint), **self.app_env, "PYTHONPATH": str(ROOT)},
+                            "relay.log")
+        self.relay = RelayProcess(relay, self.workdir / "relay.log")
+        if not wait_until(self.relay.ready, timeout=30):
+            raise RuntimeError(f"the relay did not start; see {self.workdir / 'relay.log'}")
         self.say("relay: EC2 state changes in moto go to the app's on_running/on_stopped handlers")
 
     def close(self) -> None:
-        """Stop the relay and every process started, leaving none behind."""
-        if self.relay is not None:
-            self.relay.stop()
-            self.relay.join(timeout=5)
+        """Stop every process started (relay, API, moto), leaving none behind."""
         for process in reversed(self.processes):
             if process.poll() is None:
                 try:
@@ -354,12 +304,16 @@ def demo(stack: LocalStack, say: Callable[[str], None]) -> int:
     step(run_cli(stack, ["start", "--wait", "--timeout", "60", "--no-ssh-probe"], say) == 0, "devbox start exits 0")
     step(wait_until(lambda: "127.0.0.1/32" in stack.access_rules()),
          f"the caller's address 127.0.0.1/32 is let in: {stack.access_rules()}")
+    step(wait_until(lambda: stack.relay is not None and "running" in stack.relay.delivered),
+         "the relay delivered EC2's 'running' event to the app's on_running handler")
     step(wait_until(lambda: stack.a_record() is not None),
          f"{stack.app_env.get('DOMAIN_NAME')} has an A record -> {stack.a_record()}")
     say("\n2. status")
     step(run_cli(stack, ["status"], say) == 0, "devbox status exits 0")
     say("\n3. stop the box")
     step(run_cli(stack, ["stop", "--wait", "--timeout", "60"], say) == 0, "devbox stop exits 0")
+    step(wait_until(lambda: stack.relay is not None and "stopped" in stack.relay.delivered),
+         "the relay delivered EC2's 'stopped' event to the app's on_stopped handler")
     step(wait_until(lambda: stack.access_rules() == []), "the access rules are revoked")
     step(wait_until(lambda: stack.a_record() is None), "the A record is deleted")
     if stack.relay is not None and stack.relay.errors:

@@ -1,0 +1,416 @@
+"""The `devbox` command: start, stop and inspect the devbox, and reach it over SSH.
+
+Every subcommand accepts --profile/--region/--url (and --stage, which picks the chalice
+deployment record used when no URL is given). `main()` returns the exit code; failures
+print one line on stderr (exit codes: see devbox.api.EXIT_*).
+"""
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from devbox.api import (
+    DEFAULT_STAGE,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    URL_ENV,
+    CliError,
+    DevboxApi,
+    find_deployed_url,
+)
+from devbox.progress import Progress, WaitOptions, wait_until_ready, wait_until_stopped
+from devbox.proxy import HOST_OVERRIDE_ENV
+
+Handler = Callable[[argparse.Namespace], int]
+
+# Commands implemented in other modules: (module, function adding its arguments, function running it, help).
+DELEGATED = {
+    "local": ("devbox.local", "add_arguments", "run", "run the devbox service locally (chalice local + moto)"),
+    "deploy": ("devbox.deploy", "add_deploy_arguments", "run_deploy", "deploy the devbox stack and API"),
+    "destroy": ("devbox.deploy", "add_destroy_arguments", "run_destroy", "remove the devbox stack and API"),
+}
+_COMMON_WITH_VALUE = ("--profile", "--region", "--url", "--stage")
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
+# ssh-config asks the API for the DNS name; it should not hang on a slow network.
+SSH_CONFIG_STATUS_TIMEOUT = 10.0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the devbox command with argv (default: sys.argv[1:]); returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(_requested_command(args_list))
+        try:
+            args = parser.parse_args(args_list)
+        except SystemExit as exit_request:
+            # argparse exits on --help (0) and on bad arguments (2, message already printed).
+            return exit_request.code if isinstance(exit_request.code, int) else EXIT_USAGE
+        handler: Optional[Handler] = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return handler(args)
+    except CliError as err:
+        print(f"devbox: {err.message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("devbox: interrupted; the devbox keeps whatever state it has reached", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _requested_command(argv: Sequence[str]) -> Optional[str]:
+    # The first word that is neither an option nor an option's value.
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in _COMMON_WITH_VALUE:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(requested: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser; the arguments of a delegated command are loaded only when it is requested."""
+    parser = argparse.ArgumentParser(
+        prog="devbox", description="Start an EC2 spot devbox on demand and reach it over SSH."
+    )
+    _add_common(parser, top_level=True)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    status = _command(commands, "status", "show the devbox's state and address", cmd_status)
+    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+
+    start = _command(commands, "start", "start the devbox and let this IP in over SSH", cmd_start)
+    start.add_argument("--type", dest="instance_type", type=_instance_type, metavar="INSTANCE_TYPE",
+                       help="run as this instance type (e.g. t3.large)")
+    start.add_argument("--wait", action="store_true", help="wait until the devbox runs and its SSH port answers")
+    _add_wait_options(start, probe_switch=True)
+    start.add_argument("--json", action="store_true", help="print the final status document as JSON")
+
+    stop = _command(commands, "stop", "stop the devbox", cmd_stop)
+    stop.add_argument("--wait", action="store_true", help="wait until the instance is stopped")
+    _add_timing_options(stop)
+    stop.add_argument("--json", action="store_true", help="print the final status document as JSON")
+
+    config = _command(commands, "ssh-config", "write a `Host devbox` block into ~/.ssh/config", cmd_ssh_config)
+    config.add_argument("--host", default="devbox", metavar="NAME",
+                        help="the alias to type after ssh (default: devbox)")
+    config.add_argument("--user", metavar="USER", help="the login user on the devbox (e.g. ec2-user, ubuntu)")
+    config.add_argument("--identity", metavar="FILE", help="the private key to log in with")
+    config.add_argument("--config", default="~/.ssh/config", metavar="PATH",
+                        help="the ssh config file (default: ~/.ssh/config)")
+    config.add_argument("--port", type=_port, default=22, help="the devbox's SSH port (default: 22)")
+    config.add_argument("--hostname", metavar="NAME",
+                        help="HostName to write (default: the managed DNS name from the status, else the alias)")
+
+    ssh = _command(commands, "ssh", "start the devbox if needed, wait for it, then run ssh", cmd_ssh)
+    ssh.add_argument("--host", metavar="NAME",
+                     help="ssh to this alias of your ssh config instead of the devbox's address")
+    _add_wait_options(ssh, probe_switch=False)
+    ssh.add_argument("ssh_args", nargs="*", metavar="-- ARGS", help="more arguments for ssh (options, a command)")
+
+    proxy = _command(commands, "proxy", "ssh ProxyCommand: start, wait, then relay stdin/stdout to SSH", cmd_proxy)
+    _add_wait_options(proxy, probe_switch=True, dns_switch=False)
+    proxy.add_argument("--host-override", metavar="HOST", default=os.environ.get(HOST_OVERRIDE_ENV) or None,
+                       help=f"for tests: connect to HOST instead of the devbox's address (env {HOST_OVERRIDE_ENV})")
+
+    for name, (module, add_name, run_name, help_text) in DELEGATED.items():
+        # Their own options may redefine the common ones (conflict_handler="resolve").
+        sub = commands.add_parser(name, help=help_text, description=help_text, conflict_handler="resolve")
+        _add_common(sub, top_level=False)
+        if name == requested:
+            loaded = _load_delegate(name, module)
+            getattr(loaded, add_name)(sub)
+            sub.set_defaults(handler=_delegate(loaded, run_name))
+    return parser
+
+
+def _load_delegate(name: str, module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:
+            raise
+        raise CliError(
+            f"`devbox {name}` is not available in this installation ({module} is missing)", EXIT_FAILURE
+        ) from None
+
+
+def _delegate(module: Any, function: str) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        outcome = getattr(module, function)(args)
+        return int(outcome or 0)
+
+    return run
+
+
+def _command(commands: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+    sub: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=help_text)
+    _add_common(sub, top_level=False)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _add_common(parser: argparse.ArgumentParser, top_level: bool) -> None:
+    # On subcommands the defaults are suppressed, so that `devbox --url X status` keeps X.
+    def default(value: Any) -> Any:
+        return value if top_level else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection")
+    group.add_argument("--profile", default=default(None), help="AWS profile whose credentials sign the calls")
+    group.add_argument("--region", default=default(None), help="region of the API (default: from the URL or profile)")
+    group.add_argument("--url", default=default(None),
+                       help=f"the devbox API URL (default: ${URL_ENV}, else .chalice/deployed/STAGE.json)")
+    group.add_argument("--stage", default=default(DEFAULT_STAGE),
+                       help="chalice stage of the deployment record (default: dev)")
+
+
+def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=_seconds, default=300.0, metavar="S",
+                        help="give up waiting after S seconds (default: 300)")
+    parser.add_argument("--poll-interval", type=_seconds, default=2.0, metavar="S",
+                        help="seconds between status polls (default: 2)")
+
+
+def _add_wait_options(parser: argparse.ArgumentParser, probe_switch: bool, dns_switch: bool = True) -> None:
+    _add_timing_options(parser)
+    parser.add_argument("--port", type=_port, default=22, help="the devbox's SSH port (default: 22)")
+    if probe_switch:
+        parser.add_argument("--no-ssh-probe", dest="ssh_probe", action="store_false",
+                            help="do not wait for the SSH port (nor the DNS record): for local mode, where"
+                                 " the address is made up")
+    if dns_switch:
+        parser.add_argument("--no-dns-check", dest="dns_check", action="store_false",
+                            help="do not wait for the DNS record to point at the devbox")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {text!r}")
+    return int(text)
+
+
+def _instance_type(text: str) -> str:
+    if not _INSTANCE_TYPE.match(text):
+        raise argparse.ArgumentTypeError(f"not an EC2 instance type such as t3.large: {text!r}")
+    return text
+
+
+def _api(args: argparse.Namespace, timeout: Optional[float] = None) -> DevboxApi:
+    extra = {} if timeout is None else {"timeout": timeout}
+    return DevboxApi.connect(args.url, args.profile, args.region, args.stage, **extra)
+
+
+def _wait_options(args: argparse.Namespace) -> WaitOptions:
+    return WaitOptions(
+        timeout=args.timeout,
+        poll_interval=args.poll_interval,
+        ssh_port=getattr(args, "port", 22),
+        ssh_probe=getattr(args, "ssh_probe", True),
+        dns_check=getattr(args, "dns_check", True),
+        host_override=getattr(args, "host_override", None),
+    )
+
+
+def _print_status(status: Dict[str, Any], as_json: bool) -> None:
+    print(json.dumps(status, indent=2) if as_json else format_status(status))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """devbox status: print the status table, or the document with --json."""
+    _print_status(_api(args).status(), args.json)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """devbox start: start the devbox; with --wait, until it runs and answers on its SSH port."""
+    api = _api(args)
+    status = api.start(args.instance_type)
+    if args.wait:
+        with Progress() as progress:
+            status = wait_until_ready(api, _wait_options(args), progress).status
+    _print_status(status, args.json)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """devbox stop: stop the devbox; with --wait, until it is stopped."""
+    api = _api(args)
+    status = api.stop()
+    if args.wait:
+        with Progress() as progress:
+            status = wait_until_stopped(api, _wait_options(args), progress)
+    _print_status(status, args.json)
+    return 0
+
+
+def cmd_ssh_config(args: argparse.Namespace) -> int:
+    """devbox ssh-config: add or update the managed Host block in the ssh config file."""
+    from devbox import sshconfig
+
+    # ssh runs the ProxyCommand from any folder: a URL found in this project's deployment
+    # record must be written down, while $DEVBOX_URL is left to the environment.
+    block_url = args.url or (None if os.environ.get(URL_ENV) else find_deployed_url(args.stage))
+    identity = args.identity
+    if identity and not identity.startswith(("~", "/")):
+        identity = os.path.abspath(identity)
+    entry = sshconfig.HostEntry(
+        name=args.host,
+        hostname=args.hostname or _managed_dns_name(args) or args.host,
+        proxy_command=sshconfig.proxy_command(
+            sshconfig.devbox_command(), args.port, block_url, args.profile, args.region
+        ),
+        user=args.user,
+        identity_file=identity,
+    )
+    path = Path(args.config).expanduser()
+    outcome = sshconfig.write_config(path, entry)
+    if outcome == "unchanged":
+        print(f"{path}: the Host {entry.name} block is up to date")
+    else:
+        backup = ""
+        if outcome == "updated":
+            backup = f" (previous version: {sshconfig.backup_path(Path(os.path.realpath(path)))})"
+        print(f"{path}: Host {entry.name} block {outcome}{backup}; connect with `ssh {entry.name}`")
+    return 0
+
+
+def _managed_dns_name(args: argparse.Namespace) -> Optional[str]:
+    # Only a managed domain is stable enough to write down; EC2's own names change at each start.
+    from devbox.progress import is_managed_name
+
+    if not (args.url or os.environ.get(URL_ENV) or find_deployed_url(args.stage)):
+        return None
+    try:
+        dns_name = _api(args, timeout=SSH_CONFIG_STATUS_TIMEOUT).status().get("dns_name")
+    except CliError as err:
+        print(f"devbox: note: HostName not taken from the status ({err.message})", file=sys.stderr)
+        return None
+    return str(dns_name) if is_managed_name(dns_name) else None
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    """devbox ssh: start the devbox if needed, wait for SSH, then run ssh and return its exit code."""
+    extra = list(args.ssh_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    api = _api(args)
+    # Always /start: it is idempotent and lets this IP in, which may have changed since last time.
+    api.start()
+    with Progress() as progress:
+        ready = wait_until_ready(api, _wait_options(args), progress)
+    if args.host:
+        command = ["ssh", args.host, *extra]
+    else:
+        # The managed name once it was seen pointing at the box; else the address probed.
+        address = ready.verified_name or ready.host
+        command = ["ssh", "-p", str(args.port), "-o", "HostKeyAlias=devbox", address, *extra]
+    return run_ssh_process(command)
+
+
+def run_ssh_process(command: List[str]) -> int:
+    """Run ssh in the foreground and return its exit code (128+N when killed by signal N)."""
+    executable = shutil.which(command[0])
+    if executable is None:
+        raise CliError("ssh is not installed (the OpenSSH client provides it)", EXIT_FAILURE)
+    # ssh handles Ctrl-C itself (the remote side gets it); this process just waits.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = subprocess.call([executable, *command[1:]])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 128 - code if code < 0 else code
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    """devbox proxy: ssh's ProxyCommand (see devbox.proxy)."""
+    from devbox.proxy import run_proxy
+
+    return run_proxy(_api(args), _wait_options(args))
+
+
+def format_status(status: Dict[str, Any]) -> str:
+    """A short human table of the status document."""
+    address = status.get("dns_name") or status.get("public_ip")
+    if address and status.get("public_ip") and address != status.get("public_ip"):
+        address = f"{address} ({status['public_ip']})"
+    rows = [
+        ("state", status.get("state")),
+        ("instance", status.get("instance_id")),
+        ("type", status.get("instance_type")),
+        ("lifecycle", status.get("lifecycle")),
+        ("address", address),
+        ("allowed IPs", ", ".join(status.get("allowed_ips") or []) or "none"),
+        ("launched", _time(status.get("launch_time"))),
+    ]
+    if status.get("last_interruption"):
+        rows.append(("last interruption", _mapping(status["last_interruption"])))
+    if status.get("spot_price_per_hour") is not None:
+        rows.append(("spot price", _money(status["spot_price_per_hour"], "/h", 4)))
+    if status.get("uptime_seconds") is not None:
+        rows.append(("uptime", _duration(status["uptime_seconds"])))
+    if status.get("estimated_cost") is not None:
+        rows.append(("estimated cost", _money(status["estimated_cost"], "", 4)))
+    width = max(len(label) for label, _ in rows) + 3
+    return "\n".join(f"{label + ':':<{width}}{'-' if value in (None, '') else value}" for label, value in rows)
+
+
+def _time(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+def _mapping(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_time(item)}" for key, item in value.items() if item is not None)
+    # The service records "<ISO time> <event>" (e.g. "...Z EC2 Spot Instance Interruption Warning stop").
+    when, _, what = str(value).partition(" ")
+    return f"{_time(when)} {what}".strip()
+
+
+def _money(value: Any, suffix: str, digits: int) -> str:
+    if isinstance(value, dict):
+        return _mapping(value)
+    try:
+        return f"${float(value):.{digits}f}{suffix}"
+    except (TypeError, ValueError):
+        return f"{value}{suffix}"
+
+
+def _duration(value: Any) -> str:
+    try:
+        seconds = int(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {rest % 60:02d}s"

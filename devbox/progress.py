@@ -1,0 +1,329 @@
+"""Waiting for the devbox: poll its status until it runs, its DNS record and SSH port answer.
+
+Progress goes to stderr only (the proxy's stdout carries the SSH stream): on a terminal one
+line is redrawn with a spinner, otherwise each step is printed once.
+"""
+import ipaddress
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, TextIO, Type, Union
+
+from devbox.api import EXIT_CONFLICT, EXIT_TIMEOUT, ApiError, CliError
+
+POLL_INTERVAL = 2.0
+DEFAULT_WAIT_TIMEOUT = 300.0
+# Each SSH probe waits this long at most: a security group drops packets, so a closed
+# door looks like silence rather than a refusal.
+SSH_CONNECT_TIMEOUT = 3.0
+# A poll that fails for a reason that passes (timeout, 5xx) is retried this many times in a row.
+MAX_STATUS_FAILURES = 3
+FINAL_STATES = ("terminated", "shutting-down")
+_SPINNER = "|/-\\"
+_TICK = 0.1
+# Names EC2 itself hands out: they follow the address, so there is no record to wait for.
+_EC2_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".compute.internal")
+
+Resolver = Callable[..., List[Any]]
+Connector = Callable[..., socket.socket]
+
+
+class StatusSource(Protocol):
+    """Anything that answers the devbox status document (the API client, a test double)."""
+
+    def status(self) -> Dict[str, Any]: ...
+
+
+class Progress:
+    """One progress line on a stream: redrawn with a spinner on a terminal, one line per step otherwise."""
+
+    def __init__(
+        self,
+        stream: Optional[TextIO] = None,
+        interactive: Optional[bool] = None,
+        quiet_until_waiting: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = self._isatty(self.stream) if interactive is None else interactive
+        # The proxy runs before every ssh session: say nothing when nothing had to be waited for.
+        self.quiet_until_waiting = quiet_until_waiting
+        self.sleep = sleep
+        self.clock = clock
+        self.waited = False
+        self._text: Optional[str] = None
+        self._since = clock()
+        self._frame = 0
+        self._drawn = False
+
+    @staticmethod
+    def _isatty(stream: TextIO) -> bool:
+        try:
+            return stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def waiting(self, text: str) -> None:
+        """Show the step being waited for (printed once, or redrawn with a spinner on a terminal)."""
+        self.waited = True
+        if text != self._text:
+            self._text = text
+            self._since = self.clock()
+            if not self.interactive:
+                self._write(f"devbox: waiting: {text}\n")
+        if self.interactive:
+            self._draw()
+
+    def done(self, text: str) -> None:
+        """Report a finished step on a line of its own."""
+        self._text = None
+        if self.quiet_until_waiting and not self.waited:
+            return
+        self.note(text)
+
+    def note(self, text: str) -> None:
+        """Print a line, whatever the mode."""
+        self.clear()
+        self._write(f"devbox: {text}\n")
+
+    def pause(self, seconds: float) -> None:
+        """Sleep between polls, keeping the spinner turning on a terminal."""
+        if not (self.interactive and self._text):
+            self.sleep(seconds)
+            return
+        end = self.clock() + seconds
+        while True:
+            left = end - self.clock()
+            if left <= 0:
+                return
+            self.sleep(min(_TICK, left))
+            self._draw()
+
+    def clear(self) -> None:
+        """Erase the spinner line, if one is drawn."""
+        if self._drawn:
+            self._write("\r\x1b[K")
+            self._drawn = False
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(
+        self, kind: Optional[Type[BaseException]], error: Optional[BaseException], trace: Optional[TracebackType]
+    ) -> None:
+        # Whatever ends the wait (success, error, Ctrl-C), the next line starts clean.
+        self.clear()
+
+    def _draw(self) -> None:
+        self._frame = (self._frame + 1) % len(_SPINNER)
+        elapsed = max(0, int(self.clock() - self._since))
+        self._write(f"\r\x1b[Kdevbox: {_SPINNER[self._frame]} {self._text} ({elapsed}s)")
+        self._drawn = True
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+@dataclass(frozen=True)
+class WaitOptions:
+    """What readiness means and how long to wait for it."""
+
+    timeout: float = DEFAULT_WAIT_TIMEOUT
+    poll_interval: float = POLL_INTERVAL
+    ssh_port: int = 22
+    ssh_probe: bool = True
+    dns_check: bool = True
+    host_override: Optional[str] = None
+
+
+@dataclass
+class Ready:
+    """A running devbox: its status, the address probed, its DNS name if seen in place, the kept socket."""
+
+    status: Dict[str, Any]
+    host: str
+    connection: Optional[socket.socket] = None
+    verified_name: Optional[str] = None
+
+
+def is_managed_name(dns_name: Optional[str]) -> bool:
+    """True when dns_name looks like the deployment's own domain rather than an EC2 name or an IP."""
+    if not dns_name:
+        return False
+    try:
+        ipaddress.ip_address(dns_name)
+        return False
+    except ValueError:
+        pass
+    name = dns_name.rstrip(".").lower()
+    return name != "localhost" and not name.endswith(_EC2_SUFFIXES)
+
+
+def dns_in_place(name: str, address: str, resolve: Resolver = socket.getaddrinfo) -> bool:
+    """True when name resolves (through the local resolver) to address among its answers."""
+    try:
+        answers = resolve(name, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return address in {answer[4][0] for answer in answers}
+
+
+def connect_host(status: Dict[str, Any], host_override: Optional[str] = None) -> str:
+    """The address to open SSH connections to: the override, else the public IP, else the DNS name."""
+    host = host_override or status.get("public_ip") or status.get("dns_name")
+    if not host:
+        raise CliError("the devbox runs without a public address (no public_ip or dns_name in its status)")
+    return str(host)
+
+
+def describe(status: Dict[str, Any]) -> str:
+    """A short phrase for a running instance: type, lifecycle and address."""
+    parts = [str(status.get(key)) for key in ("instance_type", "lifecycle", "public_ip") if status.get(key)]
+    return ", ".join(parts)
+
+
+class _Poller:
+    """Status polls with a deadline, tolerating a few failures that pass."""
+
+    def __init__(self, api: StatusSource, options: WaitOptions, progress: Progress, clock: Callable[[], float]) -> None:
+        self.api = api
+        self.options = options
+        self.progress = progress
+        self.clock = clock
+        self.deadline = clock() + options.timeout
+        self.failures = 0
+
+    def status(self) -> Optional[Dict[str, Any]]:
+        try:
+            document = self.api.status()
+        except ApiError as err:
+            if not err.transient or self.failures >= MAX_STATUS_FAILURES:
+                raise
+            self.failures += 1
+            self.progress.waiting(f"status unavailable, retrying ({err.message})")
+            return None
+        self.failures = 0
+        return document
+
+    def remaining(self) -> float:
+        return self.deadline - self.clock()
+
+    def pause(self, waiting_for: str) -> None:
+        left = self.remaining()
+        if left <= 0:
+            raise CliError(f"timed out after {self.options.timeout:g} s waiting for {waiting_for}", EXIT_TIMEOUT)
+        self.progress.pause(min(self.options.poll_interval, left))
+
+
+def wait_until_ready(
+    api: StatusSource,
+    options: WaitOptions,
+    progress: Progress,
+    *,
+    keep_connection: bool = False,
+    resolve: Resolver = socket.getaddrinfo,
+    connect: Connector = socket.create_connection,
+    clock: Callable[[], float] = time.monotonic,
+) -> Ready:
+    """Poll until the instance runs, its DNS record points at it and its SSH port accepts connections.
+
+    The DNS step applies only to a managed domain, and neither it nor the SSH probe runs when
+    switched off in the options. With keep_connection, the successful probe's socket is returned
+    open (the proxy relays over it) instead of being closed.
+    """
+    poller = _Poller(api, options, progress, clock)
+    seen_starting = False
+    reported: Set[str] = set()
+
+    def once(step: str, text: str) -> None:
+        if step not in reported:
+            reported.add(step)
+            progress.done(text)
+
+    while True:
+        waiting_for = "the devbox's status"
+        status = poller.status()
+        if status is not None:
+            state = str(status.get("state"))
+            if state in FINAL_STATES:
+                raise CliError(f"the devbox instance is {state}; it cannot run again", EXIT_CONFLICT)
+            if state in ("pending", "running"):
+                seen_starting = True
+            elif state == "stopped" and seen_starting:
+                raise CliError("the devbox stopped again while starting (spot interruption?)", EXIT_CONFLICT)
+            if state != "running":
+                waiting_for = f"the instance to run (it is {state})"
+                progress.waiting(f"instance {state}")
+            else:
+                once("running", f"instance running ({describe(status)})")
+                ready = _check_address(status, options, progress, poller, once, keep_connection, resolve, connect)
+                if isinstance(ready, Ready):
+                    return ready
+                waiting_for = ready
+        poller.pause(waiting_for)
+
+
+def _check_address(
+    status: Dict[str, Any],
+    options: WaitOptions,
+    progress: Progress,
+    poller: _Poller,
+    once: Callable[[str, str], None],
+    keep_connection: bool,
+    resolve: Resolver,
+    connect: Connector,
+) -> Union[Ready, str]:
+    """The Ready result, or what is still being waited for."""
+    host = connect_host(status, options.host_override)
+    dns_name, public_ip = status.get("dns_name"), status.get("public_ip")
+    # The record only matters for reaching the box: not when probes are off (local mode, where
+    # the domain is made up) nor with an override, which means "not the real address".
+    checks_dns = options.dns_check and options.ssh_probe and not options.host_override
+    verified_name = None
+    if checks_dns and public_ip and is_managed_name(dns_name):
+        if not dns_in_place(str(dns_name), str(public_ip), resolve):
+            progress.waiting(f"DNS record {dns_name} -> {public_ip}")
+            return f"the DNS record {dns_name} -> {public_ip}"
+        once("dns", f"DNS record in place ({dns_name} -> {public_ip})")
+        verified_name = str(dns_name)
+    if not options.ssh_probe:
+        once("ssh", "DNS and SSH checks skipped (--no-ssh-probe)")
+        return Ready(status, host)
+    port = options.ssh_port
+    try:
+        connection = connect((host, port), timeout=max(0.1, min(SSH_CONNECT_TIMEOUT, poller.remaining())))
+    except OSError:
+        progress.waiting(f"SSH port {host}:{port}")
+        return f"the SSH port {host}:{port}"
+    once("ssh", f"SSH port reachable ({host}:{port})")
+    if not keep_connection:
+        connection.close()
+        return Ready(status, host, verified_name=verified_name)
+    connection.settimeout(None)
+    return Ready(status, host, connection, verified_name)
+
+
+def wait_until_stopped(
+    api: StatusSource,
+    options: WaitOptions,
+    progress: Progress,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Dict[str, Any]:
+    """Poll until the instance is stopped; returns its last status."""
+    poller = _Poller(api, options, progress, clock)
+    while True:
+        status = poller.status()
+        if status is not None:
+            state = str(status.get("state"))
+            if state == "stopped":
+                progress.done("instance stopped")
+                return status
+            if state in FINAL_STATES:
+                raise CliError(f"the devbox instance is {state}, not stopped", EXIT_CONFLICT)
+            progress.waiting(f"instance {state}")
+        poller.pause("the instance to stop")

@@ -1,0 +1,72 @@
+"""End to end on the local stack: real moto server, real `chalice local`, the relay, the real CLI."""
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from devbox.local import LocalStack, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with tempfile.TemporaryDirectory(prefix="devbox-e2e-") as workdir:
+        with LocalStack(Path(workdir), say=lambda _: None) as running:
+            yield running
+
+
+def devbox(stack, *args):
+    return subprocess.run([sys.executable, "-m", "devbox", *args], env=stack.client_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_start_status_stop_through_the_cli(stack):
+    started = devbox(stack, "start", "--wait", "--no-ssh-probe", "--timeout", "60")
+    assert started.returncode == 0, started.stderr
+    assert wait_until(lambda: stack.access_rules() == ["127.0.0.1/32", "127.0.0.1/32"])
+    assert wait_until(lambda: stack.a_record() is not None)
+
+    status = devbox(stack, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["state"] == "running"
+    assert doc["dns_name"] == "devbox.local.test"
+    assert doc["allowed_ips"] == ["127.0.0.1/32"]
+    assert stack.a_record() == doc["public_ip"]
+
+    stopped = devbox(stack, "stop", "--wait", "--timeout", "60")
+    assert stopped.returncode == 0, stopped.stderr
+    assert wait_until(lambda: stack.access_rules() == [])
+    assert wait_until(lambda: stack.a_record() is None)
+    assert stack.relay is not None and stack.relay.errors == []
+
+
+def test_cli_reports_unreachable_api_in_one_line(stack):
+    env = {**stack.client_env(), "DEVBOX_URL": f"http://127.0.0.1:{free_port()}"}
+    done = subprocess.run([sys.executable, "-m", "devbox", "status"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
+
+
+def _listening(port):
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_demo_command_passes_and_leaves_no_process_behind():
+    api_port, moto_port = free_port(), free_port()
+    done = subprocess.run(
+        [sys.executable, "-m", "devbox", "local", "--demo", "--port", str(api_port), "--moto-port", str(moto_port)],
+        capture_output=True, text=True, timeout=300, cwd=str(ROOT),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo passed" in done.stdout
+    assert not _listening(api_port) and not _listening(moto_port)
