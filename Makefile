@@ -27,6 +27,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/cfn-lint infra/devbox.yaml
+	$(VENV)/bin/mypy --disallow-untyped-defs --ignore-missing-imports app.py chalicelib devbox
 
 # checkov pins its own boto3, so it lives in a virtualenv of its own.
 CHECKOV_VENV ?= .venv-checkov

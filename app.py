@@ -2,6 +2,7 @@
 from typing import Any, Callable, Dict
 
 from chalice import Chalice, IAMAuthorizer, Rate, Response
+from chalice.app import Request
 
 from chalicelib import service
 from chalicelib.aws import client
@@ -25,9 +26,15 @@ def _answer(operation: Callable[[], Dict[str, Any]]) -> Any:
         return Response(body={"Code": err.code, "Message": err.message}, status_code=err.status_code)
 
 
+def _request() -> Request:
+    request = app.current_request
+    assert request is not None, "only called while handling a request"
+    return request
+
+
 def _source_ip() -> Any:
     # Only API Gateway's view of the caller counts; X-Forwarded-For is caller-controlled.
-    return (app.current_request.context.get("identity") or {}).get("sourceIp")
+    return (_request().context.get("identity") or {}).get("sourceIp")
 
 
 @app.route("/status", methods=["GET"], authorizer=iam)
@@ -38,7 +45,7 @@ def status() -> Any:
 @app.route("/start", methods=["POST"], authorizer=iam)
 def start() -> Any:
     def run() -> Dict[str, Any]:
-        body = parse_body(app.current_request.raw_body, allowed_fields=("instance_type",))
+        body = parse_body(_request().raw_body, allowed_fields=("instance_type",))
         return service.start(client("ec2"), Config.from_env(), _source_ip(), body.get("instance_type"))
 
     return _answer(run)
@@ -47,7 +54,7 @@ def start() -> Any:
 @app.route("/stop", methods=["POST"], authorizer=iam)
 def stop() -> Any:
     def run() -> Dict[str, Any]:
-        parse_body(app.current_request.raw_body, allowed_fields=())
+        parse_body(_request().raw_body, allowed_fields=())
         return service.stop(client("ec2"), Config.from_env())
 
     return _answer(run)

@@ -275,8 +275,8 @@ def _rule(item: Dict[str, Any]) -> IngressRule:
 
 
 def _key(permission: Dict[str, Any]) -> Tuple[str, int, int, str]:
-    ranges = permission.get("IpRanges") or permission.get("Ipv6Ranges")
-    cidr = ranges[0].get("CidrIp") or ranges[0].get("CidrIpv6")
+    ranges = permission.get("IpRanges") or permission["Ipv6Ranges"]
+    cidr = ranges[0].get("CidrIp") or ranges[0]["CidrIpv6"]
     return (permission["IpProtocol"], permission["FromPort"], permission["ToPort"], cidr)
 
 

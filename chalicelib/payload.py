@@ -1,14 +1,14 @@
 """Request bodies: small JSON objects with known fields only."""
 import json
 from datetime import datetime, timezone
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Collection, Dict, Optional, Union
 
 from chalicelib.errors import InvalidRequestError, PayloadTooLargeError
 
 MAX_BODY_BYTES = 4096
 
 
-def parse_body(raw: Optional[bytes], allowed_fields: Collection[str]) -> Dict[str, Any]:
+def parse_body(raw: Union[str, bytes, None], allowed_fields: Collection[str]) -> Dict[str, Any]:
     """Parse an optional JSON object body, refusing unknown fields and oversized input."""
     if raw is None or not raw.strip():
         return {}

@@ -44,13 +44,18 @@ def wait_for_port(port: int, timeout: float, process: Optional[subprocess.Popen]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode} before listening on {port}")
+            raise RuntimeError(f"{_name(process)} exited with {process.returncode} before listening on {port}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def _name(process: subprocess.Popen) -> str:
+    args = process.args
+    return " ".join(str(a) for a in args[:3]) if isinstance(args, (list, tuple)) else str(args)
 
 
 def aws_environment(endpoint: str) -> Dict[str, str]:
@@ -355,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(1)
                 for process in stack.processes:
                     if process.poll() is not None:
-                        say(f"{process.args[0]} exited unexpectedly ({process.returncode}); see {workdir}")
+                        say(f"{_name(process)} exited unexpectedly ({process.returncode}); see {workdir}")
                         return 1
         except KeyboardInterrupt:
             say("\nstopping the local stack")
