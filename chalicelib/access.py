@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.errors import InvalidRequestError, QuotaError, aws_failure
 
@@ -79,7 +79,7 @@ def describe_rules(ec2: EC2Client, group_id: str) -> List[IngressRule]:
             if not token:
                 return rules
             kwargs["NextToken"] = token
-    except ClientError as err:
+    except (ClientError, BotoCoreError) as err:
         raise aws_failure(err, "describe the security group's rules") from err
 
 
@@ -127,6 +127,8 @@ def allow_caller(ec2: EC2Client, group_id: str, permissions: Sequence[Dict[str, 
     try:
         ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=list(permissions))
         return list(permissions)
+    except BotoCoreError as err:
+        raise aws_failure(err, "let the caller in") from err
     except ClientError as err:
         if _code(err) != "InvalidPermission.Duplicate":
             raise aws_failure(err, "let the caller in") from err
@@ -136,6 +138,9 @@ def allow_caller(ec2: EC2Client, group_id: str, permissions: Sequence[Dict[str, 
         try:
             ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[permission])
             added.append(permission)
+        except BotoCoreError as err:
+            revoke_permissions(ec2, group_id, added)
+            raise aws_failure(err, "let the caller in") from err
         except ClientError as err:
             if _code(err) != "InvalidPermission.Duplicate":
                 revoke_permissions(ec2, group_id, added)
@@ -175,19 +180,31 @@ def plan_access(
     in_family = [r for r in kept if _family(r.cidr) == family]
     excess = len(in_family) + len(add) - quota
     if excess > 0:
-        evictable = sorted(
-            (r for r in app_rules(in_family) if r.cidr != caller),
-            key=lambda r: r.added_at or datetime.min.replace(tzinfo=timezone.utc),
-        )
-        if len(evictable) < excess:
+        # Evict whole callers (their SSH and ping rules together), oldest first: half a
+        # pair would leave an address listed as allowed that cannot reach SSH.
+        by_caller: Dict[str, List[IngressRule]] = {}
+        for r in app_rules(in_family):
+            if r.cidr != caller:
+                by_caller.setdefault(r.cidr, []).append(r)
+        oldest_first = sorted(by_caller.values(), key=lambda group: min(_age_key(r) for r in group))
+        for group in oldest_first:
+            if excess <= 0:
+                break
+            stale += group
+            excess -= len(group)
+        if excess > 0:
             raise QuotaError(
                 f"the security group holds {len(in_family)} IPv{family} rules, too many of them added by hand, "
                 f"to add {len(add)} more within the quota of {quota}; remove some manual rules"
             )
-        stale += evictable[:excess]
     refresh_before = now - ttl / 4
     refresh = [r for r in app_rules(kept) if r.cidr == caller and _older(r, refresh_before)]
     return AccessPlan(revoke=stale, add=add, refresh=[r for r in refresh if r not in stale])
+
+
+def caller_rules(rules: Sequence[IngressRule], network: Any, exclude: Sequence[IngressRule] = ()) -> List[IngressRule]:
+    """The app's rules for this caller's address."""
+    return [r for r in app_rules(rules) if r.cidr == str(network) and r not in exclude]
 
 
 def refresh_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule], network: Any, now: datetime) -> None:
@@ -203,7 +220,7 @@ def refresh_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule], n
                             ranges_key: [{cidr_key: rule.cidr, "Description": description}]})
     try:
         ec2.update_security_group_rule_descriptions_ingress(GroupId=group_id, IpPermissions=permissions)
-    except ClientError as err:
+    except (ClientError, BotoCoreError) as err:
         raise aws_failure(err, "refresh the caller's access rule") from err
 
 
@@ -219,6 +236,8 @@ def revoke_permissions(ec2: EC2Client, group_id: str, permissions: Sequence[Dict
     stripped = [_without_descriptions(p) for p in permissions]
     try:
         ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=stripped)
+    except BotoCoreError as err:
+        raise aws_failure(err, "remove the access rule it had just added") from err
     except ClientError as err:
         if _code(err) != "InvalidPermission.NotFound":
             raise aws_failure(err, "remove the access rule it had just added") from err
@@ -232,17 +251,21 @@ def revoke_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule]) ->
     try:
         ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=ids)
         return ids
+    except BotoCoreError as err:
+        raise aws_failure(err, "revoke access rules") from err
     except ClientError as err:
-        if len(ids) == 1 and _code(err).endswith(".NotFound"):
-            return []
         if not _code(err).endswith(".NotFound"):
             raise aws_failure(err, "revoke access rules") from err
+        if len(ids) == 1:
+            return []
     # One id was already gone (a duplicate event revoked it): revoke the rest singly.
     revoked = []
     for rule_id in ids:
         try:
             ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=[rule_id])
             revoked.append(rule_id)
+        except BotoCoreError as err:
+            raise aws_failure(err, "revoke access rules") from err
         except ClientError as err:
             if not _code(err).endswith(".NotFound"):
                 raise aws_failure(err, "revoke access rules") from err
@@ -256,6 +279,10 @@ def _description(network: Any, now: datetime) -> str:
 def _older(rule: IngressRule, cutoff: datetime) -> bool:
     # A garbled time counts as old: such a rule would otherwise never be pruned.
     return rule.added_at is None or rule.added_at < cutoff
+
+
+def _age_key(rule: IngressRule) -> datetime:
+    return rule.added_at or datetime.min.replace(tzinfo=timezone.utc)
 
 
 def _family(cidr: str) -> int:

@@ -1,4 +1,6 @@
 """The service's own exceptions, each carrying the HTTP status a caller should see."""
+import logging
+
 
 
 class DevboxError(Exception):
@@ -81,6 +83,9 @@ _RETRYABLE = {
 }
 
 
+_DENIED = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthorizationError"}
+
+
 def aws_failure(err: Exception, action: str) -> DevboxError:
     """Turn a botocore failure into an error the caller can understand."""
     response = getattr(err, "response", None)
@@ -91,6 +96,10 @@ def aws_failure(err: Exception, action: str) -> DevboxError:
         return failure
     code = response.get("Error", {}).get("Code", "Unknown")
     message = response.get("Error", {}).get("Message", "")
+    if code in _DENIED:
+        # AWS's text names the role, the account and an encoded authorization message: log it, do not return it.
+        logging.getLogger("devbox").error("%s while trying to %s: %s", code, action, message)
+        return UpstreamError(f"the service's IAM role may not {action} ({code}); check its policy (see the logs)")
     failure = UpstreamError(f"AWS refused to {action}: {code}: {message}".rstrip(": "))
     if code in _RETRYABLE:
         failure.status_code = 503

@@ -141,16 +141,21 @@ def set_tags(ec2: EC2Client, instance_id: str, tags: Dict[str, str]) -> None:
         raise aws_failure(err, "tag the instance") from err
 
 
-def change_type(ec2: EC2Client, instance_id: str, instance_type: str) -> None:
+def change_type(ec2: EC2Client, instance_id: str, instance_type: str, spot: bool = False) -> None:
     """Change a stopped instance's type."""
     try:
         ec2.modify_instance_attribute(InstanceId=instance_id, InstanceType={"Value": instance_type})
     except ClientError as err:
         code = err.response["Error"]["Code"]
-        if code in _STATE_CODES or code in ("InvalidParameterValue", "InvalidInstanceAttributeValue"):
+        reason = err.response["Error"].get("Message") or code
+        if spot and code not in ("RequestLimitExceeded", "InternalError", "Unavailable", "UnauthorizedOperation"):
+            # AWS documents that a stopped spot instance's type cannot be changed.
             raise StateConflictError(
-                f"EC2 refused to change the devbox to {instance_type}: {err.response['Error'].get('Message') or code}"
+                f"EC2 refused to change the spot devbox to {instance_type} ({reason}); a spot instance keeps "
+                "the type it was launched with: redeploy with another InstanceType, or start without --type"
             ) from err
+        if code in _STATE_CODES or code in ("InvalidParameterValue", "InvalidInstanceAttributeValue"):
+            raise StateConflictError(f"EC2 refused to change the devbox to {instance_type}: {reason}") from err
         raise aws_failure(err, f"change the instance type to {instance_type}") from err
     except BotoCoreError as err:
         raise aws_failure(err, f"change the instance type to {instance_type}") from err

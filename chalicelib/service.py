@@ -5,7 +5,7 @@ from typing import Any, Callable, Dict, Optional
 
 from chalicelib import access, cost, dns, instance, notify
 from chalicelib.config import Config
-from chalicelib.errors import InvalidRequestError, StateConflictError
+from chalicelib.errors import DevboxError, InvalidRequestError, StateConflictError
 
 log = logging.getLogger("devbox")
 # Lazily built clients by service name, so an operation only creates what it uses.
@@ -69,10 +69,15 @@ def start(
         rules, network, access.session_permissions(network, config.ssh_port, now), now,
         timedelta(hours=config.access_ttl_hours), config.rule_quota,
     )
+    refresh = plan.refresh
+    if state == "stopped":
+        # Re-stamp the caller's surviving rules: a stopped event being handled right now
+        # revokes only rules older than itself, so a fresh stamp keeps this session's access.
+        refresh = access.caller_rules(rules, network, exclude=plan.revoke)
     access.revoke_rules(ec2, config.security_group_id, plan.revoke)
     added = access.allow_caller(ec2, config.security_group_id, plan.add)
     try:
-        access.refresh_rules(ec2, config.security_group_id, plan.refresh, network, now)
+        access.refresh_rules(ec2, config.security_group_id, refresh, network, now)
         if state == "stopped":
             state = _start_stopped(ec2, config, box, wanted_type if resize else None)
             log.info("started %s for %s", config.instance_id, network)
@@ -92,7 +97,7 @@ def _start_stopped(ec2: Any, config: Config, box: Dict[str, Any], new_type: Opti
     if new_type is None:
         return instance.start_instance(ec2, config.instance_id)
     old_type = str(box.get("InstanceType"))
-    instance.change_type(ec2, config.instance_id, new_type)
+    instance.change_type(ec2, config.instance_id, new_type, spot=box.get("InstanceLifecycle") == "spot")
     try:
         return instance.start_instance(ec2, config.instance_id)
     except Exception:
@@ -121,22 +126,35 @@ def on_running(clients: Clients, config: Config, instance_id: str) -> str:
     if instance.state_of(box) != "running":
         return f"ignored: the instance is {instance.state_of(box)} now"
     done = []
-    if box.get("InstanceLifecycle") == "spot":
-        kind, zone = str(box.get("InstanceType")), str(box.get("Placement", {}).get("AvailabilityZone", ""))
-        price = cost.current_spot_price(ec2, kind, zone, _now()) if zone else None
-        if price is not None:
-            instance.set_tags(ec2, instance_id, cost.price_tag(price, kind, zone))
-            done.append(f"price {price}/h")
-    if not config.dns_managed:
-        return "; ".join(done + ["DNS is not managed"])
     ip = box.get("PublicIpAddress")
-    if not ip:
+    if not config.dns_managed:
+        done.append("DNS is not managed")
+    elif not ip:
         log.warning("%s runs without a public IP; %s left unchanged", instance_id, config.domain_name)
-        return "; ".join(done + ["no public IP"])
-    assert config.hosted_zone_id and config.domain_name
-    dns.upsert_record(clients("route53"), config.hosted_zone_id, config.domain_name, ip, config.dns_ttl)
-    log.info("%s -> %s", config.domain_name, ip)
-    return "; ".join(done + [f"upserted {config.domain_name} -> {ip}"])
+        done.append("no public IP")
+    else:
+        assert config.hosted_zone_id and config.domain_name
+        dns.upsert_record(clients("route53"), config.hosted_zone_id, config.domain_name, ip, config.dns_ttl)
+        log.info("%s -> %s", config.domain_name, ip)
+        done.append(f"upserted {config.domain_name} -> {ip}")
+    if box.get("InstanceLifecycle") == "spot":
+        done.append(_record_price(ec2, box))
+    return "; ".join(done)
+
+
+def _record_price(ec2: Any, box: Dict[str, Any]) -> str:
+    # The price only feeds the cost shown in /status: a failure must not fail the handler
+    # (a retry would redo the DNS change for nothing), so it is logged and skipped.
+    kind, zone = str(box.get("InstanceType")), str(box.get("Placement", {}).get("AvailabilityZone", ""))
+    try:
+        price = cost.current_spot_price(ec2, kind, zone, _now()) if zone else None
+        if price is None:
+            return "no spot price"
+        instance.set_tags(ec2, box["InstanceId"], cost.price_tag(price, kind, zone))
+    except DevboxError as err:
+        log.warning("spot price for %s in %s not recorded: %s", kind, zone, err.message)
+        return "spot price not recorded"
+    return f"price {price}/h"
 
 
 def on_stopped(clients: Clients, config: Config, instance_id: str, event_time: Optional[datetime]) -> str:
@@ -152,6 +170,7 @@ def on_stopped(clients: Clients, config: Config, instance_id: str, event_time: O
     # Rules added after the event belong to a start that is under way right now.
     cutoff = event_time or _now()
     rules = access.app_rules(access.describe_rules(ec2, config.security_group_id))
+    # Same-second stamps count as older: the event time has whole seconds only, and revoking errs on the safe side.
     stale = [rule for rule in rules if rule.added_at is None or rule.added_at <= cutoff]
     revoked = access.revoke_rules(ec2, config.security_group_id, stale)
     deleted = False
@@ -185,10 +204,8 @@ def housekeeping(clients: Clients, config: Config, now: Optional[datetime] = Non
     """Scheduled: prune expired access, and stop a box that has run longer than allowed."""
     now = now or _now()
     ec2 = clients("ec2")
-    rules = access.describe_rules(ec2, config.security_group_id)
-    expired = access.expired_rules(rules, now, timedelta(hours=config.access_ttl_hours))
-    revoked = access.revoke_rules(ec2, config.security_group_id, expired)
-    done = [f"pruned {len(revoked)} expired rules"]
+    done = []
+    # The stop comes first: it saves money, and must not wait on a pruning failure.
     if config.max_runtime_hours is not None:
         box = instance.describe_instance(ec2, config.instance_id)
         launched = box.get("LaunchTime")
@@ -203,4 +220,8 @@ def housekeeping(clients: Clients, config: Config, now: Optional[datetime] = Non
                     notify.publish(clients("sns"), config.notify_topic_arn, f"devbox {config.instance_id} stopped",
                                    {"instance_id": config.instance_id, "reason": "MAX_RUNTIME_HOURS",
                                     "max_runtime_hours": config.max_runtime_hours, "ran_hours": round(hours, 2)})
+    rules = access.describe_rules(ec2, config.security_group_id)
+    expired = access.expired_rules(rules, now, timedelta(hours=config.access_ttl_hours))
+    revoked = access.revoke_rules(ec2, config.security_group_id, expired)
+    done.append(f"pruned {len(revoked)} expired rules")
     return "; ".join(done)

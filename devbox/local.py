@@ -197,12 +197,12 @@ class LocalStack:
         return self
 
     def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         moto = self._spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)],
                            {**base_env, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}, "moto.log")
         wait_for_port(self.moto_port, 30, moto)
         self.say(f"moto server (stands in for AWS): {self.endpoint}")
-        os.environ.update(aws_environment(self.endpoint))
         self.app_env = {**create_resources(self.endpoint), **self.extra_app_env}
         self.say("created from infra/devbox.yaml in moto's CloudFormation: "
                  + ", ".join(f"{k}={v}" for k, v in self.app_env.items() if v))
@@ -281,7 +281,11 @@ def run_cli(stack: LocalStack, args: List[str], say: Callable[[str], None]) -> i
     """Run the real `devbox` command against the stack, echoing its output."""
     command = [sys.executable, "-m", "devbox", *args]
     say(f"$ devbox {' '.join(args)}")
-    done = subprocess.run(command, env=stack.client_env(), capture_output=True, text=True, timeout=180)
+    try:
+        done = subprocess.run(command, env=stack.client_env(), capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        say("    (no answer within 180 s)")
+        return 124
     for line in (done.stdout + done.stderr).splitlines():
         say(f"    {line}")
     return done.returncode

@@ -32,16 +32,26 @@ OUTPUT_KEYS = ("InstanceId", "SecurityGroupId", "HostedZoneId", "DomainName")
 POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
     # Describe calls cannot be narrowed to one resource (EC2 evaluates them on "*").
     "any": ("ec2:DescribeInstances", "ec2:DescribeSecurityGroupRules", "ec2:DescribeSpotPriceHistory"),
-    "instance": ("ec2:StartInstances", "ec2:StopInstances", "ec2:ModifyInstanceAttribute", "ec2:CreateTags"),
+    "instance": ("ec2:StartInstances", "ec2:StopInstances"),
+    # Only the two tags the app writes (spot price, last interruption).
+    "instance_tags": ("ec2:CreateTags",),
+    # Only the instance type, only to the allowed types; absent when resizing is off.
+    "instance_type": ("ec2:ModifyInstanceAttribute",),
     "security_group": (
         "ec2:AuthorizeSecurityGroupIngress",
         "ec2:RevokeSecurityGroupIngress",
         "ec2:UpdateSecurityGroupRuleDescriptionsIngress",
     ),
-    "hosted_zone": ("route53:ListResourceRecordSets", "route53:ChangeResourceRecordSets"),
+    "hosted_zone_read": ("route53:ListResourceRecordSets",),
+    # Only the devbox's own A record, even in a zone the user brings with other records in it.
+    "hosted_zone": ("route53:ChangeResourceRecordSets",),
     "topic": ("sns:Publish",),
     "logs": ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"),
 }
+
+
+# Must match the tags chalicelib writes (cost.PRICE_TAG, instance.INTERRUPTION_TAG).
+APP_TAG_KEYS = ("devbox:spot-price", "devbox:last-interruption")
 
 
 class StackError(Exception):
@@ -70,18 +80,34 @@ def build_policy(
     security_group_id: str,
     hosted_zone_id: Optional[str] = None,
     notify_topic_arn: Optional[str] = None,
+    domain_name: Optional[str] = None,
+    allowed_instance_types: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """The Lambda's IAM policy document, scoped to one instance, group and (optional) zone."""
     ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
     statements: List[Dict[str, Any]] = [
         _allow("DescribeDevbox", POLICY_ACTIONS["any"], "*"),
         _allow("StartStopDevbox", POLICY_ACTIONS["instance"], f"{ec2_arn}:instance/{instance_id}"),
+        _allow("TagDevbox", POLICY_ACTIONS["instance_tags"], f"{ec2_arn}:instance/{instance_id}",
+               {"ForAllValues:StringEquals": {"aws:TagKeys": list(APP_TAG_KEYS)}}),
         _allow("ManageCallerAccess", POLICY_ACTIONS["security_group"], f"{ec2_arn}:security-group/{security_group_id}"),
     ]
+    if allowed_instance_types:
+        statements.append(_allow(
+            "ResizeDevbox", POLICY_ACTIONS["instance_type"], f"{ec2_arn}:instance/{instance_id}",
+            {"StringEquals": {"ec2:Attribute/InstanceType": list(allowed_instance_types)}}))
     if hosted_zone_id:
         # Route53 is global: zone ARNs carry neither region nor account.
-        zone = hosted_zone_id.rsplit("/", 1)[-1]
-        statements.append(_allow("ManageDevboxRecord", POLICY_ACTIONS["hosted_zone"], f"arn:{partition}:route53:::hostedzone/{zone}"))
+        zone_arn = f"arn:{partition}:route53:::hostedzone/{hosted_zone_id.rsplit('/', 1)[-1]}"
+        statements.append(_allow("ReadDevboxRecord", POLICY_ACTIONS["hosted_zone_read"], zone_arn))
+        record_only: Dict[str, Any] = {
+            "route53:ChangeResourceRecordSetsRecordTypes": ["A"],
+            "route53:ChangeResourceRecordSetsActions": ["UPSERT", "DELETE"],
+        }
+        if domain_name:
+            record_only["route53:ChangeResourceRecordSetsNormalizedRecordNames"] = [domain_name.rstrip(".").lower()]
+        statements.append(_allow("ManageDevboxRecord", POLICY_ACTIONS["hosted_zone"], zone_arn,
+                                 {"ForAllValues:StringEquals": record_only}))
     if notify_topic_arn:
         statements.append(_allow("NotifyUser", POLICY_ACTIONS["topic"], notify_topic_arn))
     statements.append(_allow("WriteLogs", POLICY_ACTIONS["logs"], f"arn:{partition}:logs:*:*:*"))
@@ -131,8 +157,10 @@ def record_stack(
         json.loads(config_path.read_text()) if config_path.exists() else {"version": "2.0", "app_name": "devbox"}
     )
     stage_config = config.setdefault("stages", {}).setdefault(stage, {})
-    # The topic is the user's own setting (not a stack output); the policy follows it.
-    topic = stage_config.get("environment_variables", {}).get("NOTIFY_TOPIC_ARN") or None
+    # The topic and the allowed types are the user's own settings (not stack outputs); the policy follows them.
+    settings = stage_config.get("environment_variables", {})
+    topic = settings.get("NOTIFY_TOPIC_ARN") or None
+    types = [t.strip() for t in settings.get("ALLOWED_INSTANCE_TYPES", "").split(",") if t.strip()]
     policy = build_policy(
         partition=partition,
         region=region or arn_region,
@@ -141,6 +169,8 @@ def record_stack(
         security_group_id=env["SECURITY_GROUP_ID"],
         hosted_zone_id=env["HOSTED_ZONE_ID"] or None,
         notify_topic_arn=topic,
+        domain_name=env.get("DOMAIN_NAME") or None,
+        allowed_instance_types=types,
     )
     # The generated policy only takes effect with these two; a stage that set them keeps its values.
     stage_config.setdefault("autogen_policy", False)
@@ -187,8 +217,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _allow(sid: str, actions: Sequence[str], resource: str) -> Dict[str, Any]:
-    return {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": resource}
+def _allow(sid: str, actions: Sequence[str], resource: str,
+           condition: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    statement: Dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": resource}
+    if condition:
+        statement["Condition"] = condition
+    return statement
 
 
 def _write_json(path: Path, document: Any) -> None:

@@ -121,3 +121,16 @@ def test_access_ttl_is_configurable(devbox, make_client):
     api = make_client(devbox.env(ACCESS_TTL_HOURS="1"))
     api.lambda_.invoke("housekeeping", scheduled_event(api))
     assert devbox.rules() == []
+
+
+def test_eviction_takes_whole_callers_never_half_a_pair():
+    manual = rule("m", "192.0.2.0/24", manual=True)
+    pairs = []
+    for i in range(1, 3):
+        at = NOW - timedelta(hours=i)
+        pairs += [rule(f"t{i}", f"198.51.100.{i}/32", at=at),
+                  access.IngressRule(f"i{i}", "icmp", 8, -1, f"198.51.100.{i}/32",
+                                     f"devbox-access for=198.51.100.{i} at={at.strftime('%Y-%m-%dT%H:%M:%SZ')}")]
+    # 1 manual + 4 app + 2 new = 7 > 6: one rule too many, so one whole caller (the oldest) goes.
+    result = plan([manual] + pairs, quota=6)
+    assert sorted(r.rule_id for r in result.revoke) == ["i2", "t2"]

@@ -85,3 +85,30 @@ def test_stop_while_pending_is_409(api, devbox, inject_fault):
     response = api.http.post("/stop")
     assert response.status_code == 409
     assert "try again" in body(response)["Message"]
+
+
+def test_spot_price_failure_still_writes_the_record(api, devbox, inject_fault):
+    inject_fault("ec2", "DescribeSpotPriceHistory", "UnauthorizedOperation", status=403)
+    api.lambda_.invoke("on_running", state_event(api, devbox.instance_id, "running"))
+    assert len(devbox.a_records()) == 1
+    assert api.http.get("/status").json_body["spot_price_per_hour"] is None
+
+
+def test_denied_call_does_not_leak_aws_text(api, inject_fault):
+    inject_fault("ec2", "DescribeSecurityGroupRules", "UnauthorizedOperation", status=403)
+    response = api.http.get("/status")
+    assert response.status_code == 502
+    assert "IAM role" in body(response)["Message"]
+    assert "injected" not in body(response)["Message"]
+
+
+def test_resize_of_spot_box_refused_by_ec2_is_409_and_changes_nothing(stopped_devbox, make_client, caller_ip,
+                                                                       inject_fault):
+    caller_ip("203.0.113.7")
+    api = make_client(stopped_devbox.env(ALLOWED_INSTANCE_TYPES="t3.large,m6i.xlarge"))
+    inject_fault("ec2", "ModifyInstanceAttribute", "UnsupportedOperation")
+    response = api.http.post("/start", body=json.dumps({"instance_type": "m6i.xlarge"}),
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 409
+    assert "spot" in body(response)["Message"]
+    assert stopped_devbox.state() == "stopped" and stopped_devbox.rules() == []

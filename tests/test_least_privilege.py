@@ -38,7 +38,8 @@ def policy_actions(policy):
 def full_policy():
     return build_policy(partition="aws", region="us-east-1", account_id="123456789012",
                         instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
-                        hosted_zone_id="Z1", notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox")
+                        hosted_zone_id="Z1", notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox",
+                        domain_name="devbox.example.com", allowed_instance_types=["t3.large"])
 
 
 def test_code_calls_are_found():

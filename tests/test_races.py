@@ -111,3 +111,24 @@ def test_record_deleted_in_between_is_fine(api, devbox):
     api.lambda_.invoke("on_stopped", event)
     api.lambda_.invoke("on_stopped", event)
     assert devbox.a_records() == []
+
+
+def test_start_racing_a_stopped_handler_keeps_its_access(stopped_devbox, make_client, caller_ip, monkeypatch):
+    """The handler saw 'stopped'; then a start re-used the caller's rule; then the handler revokes."""
+    from chalicelib import instance
+
+    caller_ip("203.0.113.7")
+    api = make_client(stopped_devbox.env())
+    api.http.post("/start")                      # the caller's rules, stamped now
+    stopped_devbox.stop()
+    stopped_at = datetime.now(timezone.utc) + timedelta(seconds=2)
+    # The next /start happens (in this test) a few seconds after the stop event's time.
+    later = datetime.now(timezone.utc) + timedelta(seconds=5)
+    monkeypatch.setattr(service, "_now", lambda: later)
+    api.http.post("/start")
+    # The stopped handler had described the box while it was still stopped.
+    real = instance.describe_instance
+    monkeypatch.setattr(instance, "describe_instance",
+                        lambda ec2, iid: {**real(ec2, iid), "State": {"Name": "stopped", "Code": 80}})
+    service.on_stopped(aws.client, Config.from_env(stopped_devbox.env()), stopped_devbox.instance_id, stopped_at)
+    assert stopped_devbox.rule_cidrs() == ["203.0.113.7/32", "203.0.113.7/32"]

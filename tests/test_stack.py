@@ -109,7 +109,10 @@ def test_stack_that_creates_a_zone_is_recorded_with_it(aws: None, project_dir: P
     policy = read_json(project_dir / ".chalice" / "policy-dev.json")
     (zone_statement,) = [s for s in policy["Statement"] if s["Sid"] == "ManageDevboxRecord"]
     assert zone_statement["Resource"] == f"arn:aws:route53:::hostedzone/{outputs['HostedZoneId']}"
-    assert zone_statement["Action"] == ["route53:ListResourceRecordSets", "route53:ChangeResourceRecordSets"]
+    assert zone_statement["Action"] == ["route53:ChangeResourceRecordSets"]
+    only = zone_statement["Condition"]["ForAllValues:StringEquals"]
+    assert only["route53:ChangeResourceRecordSetsNormalizedRecordNames"] == ["box.example.com"]
+    assert only["route53:ChangeResourceRecordSetsRecordTypes"] == ["A"]
 
 
 def test_stack_given_an_existing_zone_is_recorded_with_that_zone(aws: None, project_dir: Path) -> None:
@@ -129,11 +132,30 @@ def test_stack_given_an_existing_zone_is_recorded_with_that_zone(aws: None, proj
 PLACEHOLDER_TOPIC = "arn:aws:sns:us-east-1:123456789012:devbox-alerts"
 
 
+def test_resize_permission_only_with_allowed_types_and_only_to_them() -> None:
+    base = dict(partition="aws", region="us-east-1", account_id="123456789012",
+                instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0")
+    assert "ec2:ModifyInstanceAttribute" not in actions(build_policy(**base))
+    policy = build_policy(**base, allowed_instance_types=["t3.large", "m6i.xlarge"])
+    (resize,) = [s for s in policy["Statement"] if "ec2:ModifyInstanceAttribute" in s["Action"]]
+    assert resize["Condition"] == {"StringEquals": {"ec2:Attribute/InstanceType": ["t3.large", "m6i.xlarge"]}}
+
+
+def test_tag_permission_names_only_the_apps_tags() -> None:
+    from chalicelib import cost, instance
+
+    policy = build_policy(partition="aws", region="us-east-1", account_id="123456789012",
+                          instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0")
+    (tags,) = [s for s in policy["Statement"] if "ec2:CreateTags" in s["Action"]]
+    keys = tags["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]
+    assert sorted(keys) == sorted([cost.PRICE_TAG, instance.INTERRUPTION_TAG])
+
+
 def test_policy_grants_exactly_the_listed_actions() -> None:
     policy = build_policy(
         partition="aws", region="us-east-1", account_id="123456789012",
         instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0", hosted_zone_id="Z1",
-        notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox-alerts",
+        notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox-alerts", allowed_instance_types=["t3.large"],
     )
     assert actions(policy) == sorted(a for group in POLICY_ACTIONS.values() for a in group)
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
@@ -199,6 +221,7 @@ def test_committed_placeholder_policy_is_what_build_policy_makes() -> None:
         partition="aws", region="us-east-1", account_id="123456789012",
         instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
         hosted_zone_id="Z0123456789ABCDEFGHIJ", notify_topic_arn=PLACEHOLDER_TOPIC,
+        domain_name="devbox.example.com", allowed_instance_types=["t3.large", "m6i.xlarge"],
     )
 
 
