@@ -70,3 +70,18 @@ def test_demo_command_passes_and_leaves_no_process_behind():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "demo passed" in done.stdout
     assert not _listening(api_port) and not _listening(moto_port)
+    # The relay and chalice local run with --project-dir in the demo's own temp folder.
+    assert _processes_mentioning(f"--port\0{api_port}") == []
+    assert [cmd for cmd in _processes_mentioning("/devbox-local-") if "devbox.relay" in cmd] == []
+
+
+def _processes_mentioning(text):
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            raw = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if text in raw:
+            found.append(raw.replace("\0", " "))
+    return found
