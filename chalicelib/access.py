@@ -164,16 +164,18 @@ def plan_access(
     now: datetime,
     ttl: timedelta,
     quota: int,
+    restamp_caller: bool = False,
 ) -> AccessPlan:
     """Decide which rules to prune, add and refresh so the caller gets in.
 
     Prunes the app's rules older than ``ttl`` (other callers' only: the caller's own are
     refreshed instead), then, if adding the caller's rules would reach the group's rule
     quota (counted per address family, as AWS does), the oldest app rules of other
-    callers. Rules a person added are never touched.
+    callers. Rules a person added are never touched. The caller's rules are refreshed
+    when they age past a quarter of the TTL, or always with ``restamp_caller``.
     """
     caller = str(network)
-    stale = [r for r in app_rules(rules) if r.cidr != caller and _older(r, now - ttl)]
+    stale = [r for r in expired_rules(rules, now, ttl) if r.cidr != caller]
     kept = [r for r in rules if r not in stale]
     add = missing_permissions(kept, permissions)
     family = network.version
@@ -197,14 +199,15 @@ def plan_access(
                 f"the security group holds {len(in_family)} IPv{family} rules, too many of them added by hand, "
                 f"to add {len(add)} more within the quota of {quota}; remove some manual rules"
             )
-    refresh_before = now - ttl / 4
-    refresh = [r for r in app_rules(kept) if r.cidr == caller and _older(r, refresh_before)]
-    return AccessPlan(revoke=stale, add=add, refresh=[r for r in refresh if r not in stale])
+    # Pruning and eviction spare the caller's rules, so these are all still in place.
+    mine = [r for r in app_rules(rules) if r.cidr == caller]
+    refresh = mine if restamp_caller else [r for r in mine if _older(r, now - ttl / 4)]
+    return AccessPlan(revoke=stale, add=add, refresh=refresh)
 
 
-def caller_rules(rules: Sequence[IngressRule], network: Any, exclude: Sequence[IngressRule] = ()) -> List[IngressRule]:
-    """The app's rules for this caller's address."""
-    return [r for r in app_rules(rules) if r.cidr == str(network) and r not in exclude]
+def added_by_app_before(rules: Sequence[IngressRule], cutoff: datetime) -> List[IngressRule]:
+    """The app's rules stamped no later than the cutoff (same second counts: event times are whole seconds)."""
+    return [r for r in app_rules(rules) if r.added_at is None or r.added_at <= cutoff]
 
 
 def refresh_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule], network: Any, now: datetime) -> None:

@@ -65,19 +65,16 @@ def start(
             f"the devbox is {state} as {box.get('InstanceType')}; stop it before starting it as {wanted_type}"
         )
     rules = access.describe_rules(ec2, config.security_group_id)
+    # On a cold start the caller's surviving rules are re-stamped: a stopped event being
+    # handled right now revokes only rules older than itself, so this session keeps access.
     plan = access.plan_access(
         rules, network, access.session_permissions(network, config.ssh_port, now), now,
-        timedelta(hours=config.access_ttl_hours), config.rule_quota,
+        timedelta(hours=config.access_ttl_hours), config.rule_quota, restamp_caller=state == "stopped",
     )
-    refresh = plan.refresh
-    if state == "stopped":
-        # Re-stamp the caller's surviving rules: a stopped event being handled right now
-        # revokes only rules older than itself, so a fresh stamp keeps this session's access.
-        refresh = access.caller_rules(rules, network, exclude=plan.revoke)
     access.revoke_rules(ec2, config.security_group_id, plan.revoke)
     added = access.allow_caller(ec2, config.security_group_id, plan.add)
     try:
-        access.refresh_rules(ec2, config.security_group_id, refresh, network, now)
+        access.refresh_rules(ec2, config.security_group_id, plan.refresh, network, now)
         if state == "stopped":
             state = _start_stopped(ec2, config, box, wanted_type if resize else None)
             log.info("started %s for %s", config.instance_id, network)
@@ -169,9 +166,7 @@ def on_stopped(clients: Clients, config: Config, instance_id: str, event_time: O
         return f"ignored: the instance is {state} now"
     # Rules added after the event belong to a start that is under way right now.
     cutoff = event_time or _now()
-    rules = access.app_rules(access.describe_rules(ec2, config.security_group_id))
-    # Same-second stamps count as older: the event time has whole seconds only, and revoking errs on the safe side.
-    stale = [rule for rule in rules if rule.added_at is None or rule.added_at <= cutoff]
+    stale = access.added_by_app_before(access.describe_rules(ec2, config.security_group_id), cutoff)
     revoked = access.revoke_rules(ec2, config.security_group_id, stale)
     deleted = False
     if config.dns_managed:
