@@ -1,4 +1,4 @@
-"""devbox: start an EC2 spot devbox on demand, let the caller in, keep DNS in step."""
+"""devbox: a box (a name, a data volume) whose EC2 spot instances run on demand; let the caller in, keep DNS in step."""
 from typing import Any, Callable, Dict
 
 from chalice import Chalice, IAMAuthorizer, Rate, Response
@@ -39,14 +39,20 @@ def _source_ip() -> Any:
 
 @app.route("/status", methods=["GET"], authorizer=iam)
 def status() -> Any:
-    return _answer(lambda: service.get_status(client("ec2"), Config.from_env()))
+    def run() -> Dict[str, Any]:
+        config = Config.from_env()
+        return service.get_status(client("ec2"), config, config.box_name)
+
+    return _answer(run)
 
 
 @app.route("/start", methods=["POST"], authorizer=iam)
 def start() -> Any:
     def run() -> Dict[str, Any]:
-        body = parse_body(_request().raw_body, allowed_fields=("instance_type",))
-        return service.start(client("ec2"), Config.from_env(), _source_ip(), body.get("instance_type"))
+        body = parse_body(_request().raw_body, allowed_fields=("instance_type", "rebuild"))
+        config = Config.from_env()
+        return service.start(client("ec2"), config, config.box_name, _source_ip(), body.get("instance_type"),
+                             body.get("rebuild"))
 
     return _answer(run)
 
@@ -55,30 +61,36 @@ def start() -> Any:
 def stop() -> Any:
     def run() -> Dict[str, Any]:
         parse_body(_request().raw_body, allowed_fields=())
-        return service.stop(client("ec2"), Config.from_env())
+        config = Config.from_env()
+        return service.stop(client("ec2"), config, config.box_name)
 
     return _answer(run)
 
 
 @app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["running"]}}, name="on_running")
 def on_running(event: Any) -> None:
-    outcome = service.on_running(client, Config.from_env(), event.detail.get("instance-id"))
+    config = Config.from_env()
+    outcome = service.on_running(client, config, config.box_name, event.detail.get("instance-id"))
     app.log.info("running event: %s", outcome)
 
 
 @app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["stopped", "terminated"]}}, name="on_stopped")
 def on_stopped(event: Any) -> None:
-    outcome = service.on_stopped(client, Config.from_env(), event.detail.get("instance-id"), parse_event_time(event.time))
+    config = Config.from_env()
+    outcome = service.on_stopped(client, config, config.box_name, event.detail.get("instance-id"),
+                                 parse_event_time(event.time))
     app.log.info("stopped event: %s", outcome)
 
 
 @app.on_cw_event({"source": ["aws.ec2"], "detail-type": INTERRUPTIONS}, name="on_interruption")
 def on_interruption(event: Any) -> None:
-    outcome = service.on_interruption(client, Config.from_env(), event.detail.get("instance-id"), event.detail_type,
-                                      event.detail, parse_event_time(event.time))
+    config = Config.from_env()
+    outcome = service.on_interruption(client, config, config.box_name, event.detail.get("instance-id"),
+                                      event.detail_type, event.detail, parse_event_time(event.time))
     app.log.info("interruption event: %s", outcome)
 
 
 @app.schedule(Rate(15, unit=Rate.MINUTES), name="housekeeping")
 def housekeeping(event: Any) -> None:
-    app.log.info("housekeeping: %s", service.housekeeping(client, Config.from_env()))
+    config = Config.from_env()
+    app.log.info("housekeeping: %s", service.housekeeping(client, config, config.box_name))

@@ -6,7 +6,9 @@ from typing import Mapping, Optional, Tuple
 
 from chalicelib.errors import ConfigError
 
-_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+_BOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TEMPLATE_ID = re.compile(r"^lt-[0-9a-f]{8,17}$")
+_SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _GROUP_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
 _ZONE_ID = re.compile(r"^(/hostedzone/)?[A-Z0-9]{1,32}$")
 # A DNS name of labels 1-63 long, 253 characters at most, no trailing dot needed.
@@ -19,8 +21,12 @@ _DOMAIN = re.compile(r"^(?=.{1,253}\.?$)([a-zA-Z0-9_]([a-zA-Z0-9-]{0,61}[a-zA-Z0
 class Config:
     """Settings of one devbox deployment."""
 
-    instance_id: str
+    box_name: str
+    launch_template_id: str
     security_group_id: str
+    subnet_ids: Tuple[str, ...] = ()
+    data_volume_gib: int = 50
+    on_demand_fallback: bool = False
     hosted_zone_id: Optional[str] = None
     domain_name: Optional[str] = None
     dns_ttl: int = 60
@@ -44,9 +50,20 @@ class Config:
         domain = _optional(env, "DOMAIN_NAME", _DOMAIN, "a DNS name such as devbox.example.com")
         if zone and not domain:
             raise ConfigError("DOMAIN_NAME must be set when HOSTED_ZONE_ID is set")
+        if env.get("INSTANCE_ID", "").strip():
+            # The one-instance model is gone: a stale setting must not be half-honoured.
+            raise ConfigError(
+                "INSTANCE_ID is no longer used: the box's instances are found by their devbox:box tag. "
+                "Set BOX_NAME and LAUNCH_TEMPLATE_ID instead (`devbox deploy` records them) and remove INSTANCE_ID"
+            )
         return cls(
-            instance_id=_required(env, "INSTANCE_ID", _INSTANCE_ID, "an EC2 instance id such as i-0123456789abcdef0"),
+            box_name=_required(env, "BOX_NAME", _BOX_NAME, "a box name such as devbox (letters, digits, . _ -)"),
+            launch_template_id=_required(env, "LAUNCH_TEMPLATE_ID", _TEMPLATE_ID,
+                                         "a launch template id such as lt-0123456789abcdef0"),
             security_group_id=_required(env, "SECURITY_GROUP_ID", _GROUP_ID, "a security group id such as sg-0123456789abcdef0"),
+            subnet_ids=_subnets(env, "SUBNET_IDS"),
+            data_volume_gib=_integer(env, "DATA_VOLUME_GIB", 50, 1, 16384),
+            on_demand_fallback=_boolean(env, "ON_DEMAND_FALLBACK", False),
             hosted_zone_id=zone.rsplit("/", 1)[-1] if zone else None,
             domain_name=domain.rstrip(".").lower() if domain else None,
             dns_ttl=_integer(env, "DNS_TTL", 60, 0, 2147483647),
@@ -111,3 +128,23 @@ def _instance_types(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
         if not _INSTANCE_TYPE.match(value):
             raise ConfigError(f"{name} holds a malformed instance type ({value!r}): e.g. t3.large,m6i.xlarge")
     return types
+
+
+def _subnets(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
+    raw = env.get(name, "")
+    subnets = tuple(s.strip() for s in raw.split(",") if s.strip())
+    for value in subnets:
+        if not _SUBNET_ID.match(value):
+            raise ConfigError(f"{name} holds a malformed subnet id ({value!r}): e.g. subnet-0123456789abcdef0,subnet-...")
+    return subnets
+
+
+def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "yes", "1", "on"):
+        return True
+    if raw in ("false", "no", "0", "off"):
+        return False
+    raise ConfigError(f"{name} is malformed ({raw!r}): it must be true or false")

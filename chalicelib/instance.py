@@ -1,11 +1,11 @@
-"""The devbox instance: describe, start, stop, and the status document."""
+"""One instance of the box: start, stop, change type, tags, and the status document."""
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chalicelib.config import Config
-from chalicelib.errors import CapacityError, InstanceNotFoundError, StateConflictError, aws_failure
+from chalicelib.errors import CapacityError, StateConflictError, aws_failure
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -16,48 +16,15 @@ else:
 # EC2 may start it again, when capacity returns (persistent request).
 SPOT_SHUTDOWN = "Server.SpotInstanceShutdown"
 INTERRUPTION_TAG = "devbox:last-interruption"
+# The box's data volume, recorded on each of its instances (read back by every describe).
+VOLUME_TAG = "devbox:volume"
 _CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity"}
 _STATE_CODES = {"IncorrectInstanceState", "IncorrectSpotRequestState", "UnsupportedOperation", "IncorrectState"}
-
-
-def describe_instance(ec2: EC2Client, instance_id: str) -> Dict[str, Any]:
-    """The instance's description from EC2."""
-    try:
-        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    except ClientError as err:
-        if err.response["Error"]["Code"] in ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"):
-            raise InstanceNotFoundError(
-                f"the devbox instance {instance_id} does not exist in this region; check INSTANCE_ID"
-            ) from err
-        raise aws_failure(err, "describe the instance") from err
-    except BotoCoreError as err:
-        raise aws_failure(err, "describe the instance") from err
-    for reservation in reservations:
-        for instance in reservation["Instances"]:
-            return instance
-    raise InstanceNotFoundError(f"the devbox instance {instance_id} does not exist in this region; check INSTANCE_ID")
 
 
 def state_of(instance: Dict[str, Any]) -> str:
     """The instance's state name (pending, running, stopping, stopped, ...)."""
     return str(instance["State"]["Name"])
-
-
-def ensure_startable(instance: Dict[str, Any]) -> None:
-    """Raise a conflict when the instance cannot be started or used now."""
-    state = state_of(instance)
-    instance_id = instance["InstanceId"]
-    if state == "stopping":
-        raise StateConflictError(f"the devbox {instance_id} is stopping; wait until it has stopped, then start it again")
-    if state in ("shutting-down", "terminated"):
-        raise StateConflictError(
-            f"the devbox {instance_id} is {state} and cannot be started; create a new one (redeploy the stack)"
-        )
-    if state == "stopped" and instance.get("StateReason", {}).get("Code") == SPOT_SHUTDOWN:
-        raise StateConflictError(
-            f"the spot service stopped the devbox {instance_id} for lack of capacity; only EC2 can restart it, "
-            "which it does by itself when capacity returns"
-        )
 
 
 def start_instance(ec2: EC2Client, instance_id: str) -> str:
@@ -97,10 +64,16 @@ def stop_instance(ec2: EC2Client, instance_id: str) -> str:
 
 
 def status_document(
-    instance: Dict[str, Any], config: Config, allowed_ips: List[str], state: Optional[str] = None
+    box_name: str,
+    instance: Optional[Dict[str, Any]],
+    config: Config,
+    allowed_ips: List[str],
+    state: Optional[str] = None,
+    data_volume: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
-    """The JSON document every route answers with."""
-    state = state or state_of(instance)
+    """The JSON document every route answers with; ``instance`` is the box's current one (None: none)."""
+    instance = instance or {}
+    state = state or (state_of(instance) if instance else "none")
     running = state == "running"
     public_ip = instance.get("PublicIpAddress") if running else None
     if not running:
@@ -112,16 +85,30 @@ def status_document(
     launch_time = instance.get("LaunchTime")
     if isinstance(launch_time, datetime):
         launch_time = launch_time.isoformat()
+    market = None
+    if instance:
+        market = "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand"
+    volume_id = tag_value(instance, VOLUME_TAG) if instance else None
+    zone = instance.get("Placement", {}).get("AvailabilityZone") if instance else None
+    if data_volume is not None:
+        volume_id = volume_id or data_volume.get("VolumeId")
+        zone = zone or data_volume.get("AvailabilityZone")
     return {
-        "instance_id": instance["InstanceId"],
+        "box": box_name,
+        "instance_id": instance.get("InstanceId"),
         "state": state,
         "instance_type": instance.get("InstanceType"),
-        "lifecycle": "spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+        "market": market,
+        # Kept for clients written before "market" existed.
+        "lifecycle": market,
+        "availability_zone": zone,
+        "data_volume_id": volume_id,
+        "interrupted": state == "stopped" and instance.get("StateReason", {}).get("Code") == SPOT_SHUTDOWN,
         "public_ip": public_ip,
         "dns_name": dns_name,
         "launch_time": launch_time if state in ("pending", "running") else None,
         "allowed_ips": allowed_ips,
-        "last_interruption": tag_value(instance, INTERRUPTION_TAG),
+        "last_interruption": tag_value(instance, INTERRUPTION_TAG) if instance else None,
     }
 
 
@@ -152,7 +139,7 @@ def change_type(ec2: EC2Client, instance_id: str, instance_type: str, spot: bool
             # AWS documents that a stopped spot instance's type cannot be changed.
             raise StateConflictError(
                 f"EC2 refused to change the spot devbox to {instance_type} ({reason}); a spot instance keeps "
-                "the type it was launched with: redeploy with another InstanceType, or start without --type"
+                "the type it was launched with"
             ) from err
         if code in _STATE_CODES or code in ("InvalidParameterValue", "InvalidInstanceAttributeValue"):
             raise StateConflictError(f"EC2 refused to change the devbox to {instance_type}: {reason}") from err

@@ -3,7 +3,7 @@
 After a deploy, ``record_stack`` copies the stack's outputs into the stage's
 ``environment_variables`` in ``.chalice/config.json`` (CamelCase output -> UPPER_SNAKE
 variable, one rule: botocore's ``xform_name``) and writes ``.chalice/policy-<stage>.json``,
-the Lambda's least-privilege policy for exactly that instance, group and zone.
+the Lambda's least-privilege policy for exactly that box, launch template, group and zone.
 ``render_template`` is where the CloudFormation template to deploy comes from.
 
     python -m devbox.stack --stack-name devbox [--stage dev]
@@ -25,18 +25,34 @@ else:
     CloudFormationClient = Any
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "infra" / "devbox.yaml"
-OUTPUT_KEYS = ("InstanceId", "SecurityGroupId", "HostedZoneId", "DomainName")
+OUTPUT_KEYS = ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "HostedZoneId", "DomainName")
+REQUIRED_OUTPUTS = ("BoxName", "LaunchTemplateId", "SecurityGroupId")
+DEFAULT_IMAGE_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+BOX_TAG = "devbox:box"
 
 # Every AWS action the Lambda (app.py and chalicelib/) calls, grouped by the resource the
 # policy lets it act on. Tests compare this with the calls the code makes; keep them in step.
 POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
     # Describe calls cannot be narrowed to one resource (EC2 evaluates them on "*").
-    "any": ("ec2:DescribeInstances", "ec2:DescribeSecurityGroupRules", "ec2:DescribeSpotPriceHistory"),
-    "instance": ("ec2:StartInstances", "ec2:StopInstances"),
-    # Only the two tags the app writes (spot price, last interruption).
+    "any": ("ec2:DescribeInstances", "ec2:DescribeSecurityGroupRules", "ec2:DescribeSpotPriceHistory",
+            "ec2:DescribeSubnets", "ec2:DescribeVolumes"),
+    # RunInstances from the box's launch template only, and only with the box tag in the request.
+    "launch": ("ec2:RunInstances",),
+    # Tags written by RunInstances/CreateVolume themselves (tag-on-create needs CreateTags).
+    "tag_on_create": ("ec2:CreateTags",),
+    # Start, stop, terminate: only instances tagged with the box.
+    "instance": ("ec2:StartInstances", "ec2:StopInstances", "ec2:TerminateInstances"),
+    # Only the tags the app writes, only on the box's instances.
     "instance_tags": ("ec2:CreateTags",),
     # Only the instance type, only to the allowed types; absent when resizing is off.
     "instance_type": ("ec2:ModifyInstanceAttribute",),
+    # The data volume: created with the box tag, moved between the box's instances; never deleted.
+    "create_volume": ("ec2:CreateVolume",),
+    "move_volume": ("ec2:AttachVolume", "ec2:DetachVolume"),
+    # The spot request of an instance being replaced.
+    "spot_request": ("ec2:CancelSpotInstanceRequests",),
+    # resolve:ssm: in the launch template is resolved with the launching role's permissions.
+    "image_parameter": ("ssm:GetParameters",),
     "security_group": (
         "ec2:AuthorizeSecurityGroupIngress",
         "ec2:RevokeSecurityGroupIngress",
@@ -50,8 +66,9 @@ POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-# Must match the tags chalicelib writes (cost.PRICE_TAG, instance.INTERRUPTION_TAG).
-APP_TAG_KEYS = ("devbox:spot-price", "devbox:last-interruption")
+# Must match the tags chalicelib writes on an existing instance (box.VOLUME_TAG,
+# box.RETIRED_TAG, cost.PRICE_TAG, instance.INTERRUPTION_TAG).
+APP_TAG_KEYS = ("devbox:volume", "devbox:retired", "devbox:spot-price", "devbox:last-interruption")
 
 
 class StackError(Exception):
@@ -59,7 +76,7 @@ class StackError(Exception):
 
 
 def outputs_to_env(outputs: Mapping[str, Any]) -> Dict[str, str]:
-    """Map CamelCase stack outputs to UPPER_SNAKE environment variables (InstanceId -> INSTANCE_ID)."""
+    """Map CamelCase stack outputs to UPPER_SNAKE environment variables (LaunchTemplateId -> LAUNCH_TEMPLATE_ID)."""
     return {xform_name(key).upper(): "" if value is None else str(value) for key, value in outputs.items()}
 
 
@@ -76,26 +93,54 @@ def build_policy(
     partition: str,
     region: str,
     account_id: str,
-    instance_id: str,
+    box_name: str,
+    launch_template_id: str,
     security_group_id: str,
+    image_parameter: str = DEFAULT_IMAGE_PARAMETER,
     hosted_zone_id: Optional[str] = None,
     notify_topic_arn: Optional[str] = None,
     domain_name: Optional[str] = None,
     allowed_instance_types: Sequence[str] = (),
 ) -> Dict[str, Any]:
-    """The Lambda's IAM policy document, scoped to one instance, group and (optional) zone."""
+    """The Lambda's IAM policy document, scoped to one box, launch template, group and (optional) zone."""
     ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
+    template_arn = f"{ec2_arn}:launch-template/{launch_template_id}"
+    own = {"StringEquals": {f"ec2:ResourceTag/{BOX_TAG}": box_name}}
     statements: List[Dict[str, Any]] = [
         _allow("DescribeDevbox", POLICY_ACTIONS["any"], "*"),
-        _allow("StartStopDevbox", POLICY_ACTIONS["instance"], f"{ec2_arn}:instance/{instance_id}"),
-        _allow("TagDevbox", POLICY_ACTIONS["instance_tags"], f"{ec2_arn}:instance/{instance_id}",
-               {"ForAllValues:StringEquals": {"aws:TagKeys": list(APP_TAG_KEYS)}}),
+        # What RunInstances creates must carry the box tag, and come from the box's template.
+        _allow("LaunchBoxInstance", POLICY_ACTIONS["launch"], [f"{ec2_arn}:instance/*", f"{ec2_arn}:volume/*"],
+               {"StringEquals": {f"aws:RequestTag/{BOX_TAG}": box_name, "ec2:LaunchTemplate": template_arn}}),
+        # The other resources RunInstances touches, only through the box's template.
+        _allow("LaunchFromBoxTemplate", POLICY_ACTIONS["launch"], [
+            template_arn, f"{ec2_arn}:security-group/{security_group_id}", f"{ec2_arn}:subnet/*",
+            f"{ec2_arn}:network-interface/*", f"{ec2_arn}:spot-instances-request/*", f"{ec2_arn}:key-pair/*",
+            f"arn:{partition}:ec2:{region}::image/*",
+        ], {"StringEquals": {"ec2:LaunchTemplate": template_arn}}),
+        _allow("TagOnCreate", POLICY_ACTIONS["tag_on_create"], [
+            f"{ec2_arn}:instance/*", f"{ec2_arn}:volume/*", f"{ec2_arn}:spot-instances-request/*",
+        ], {"StringEquals": {"ec2:CreateAction": ["RunInstances", "CreateVolume"],
+                             f"aws:RequestTag/{BOX_TAG}": box_name}}),
+        _allow("CreateDataVolume", POLICY_ACTIONS["create_volume"], f"{ec2_arn}:volume/*",
+               {"StringEquals": {f"aws:RequestTag/{BOX_TAG}": box_name}}),
+        _allow("ControlBoxInstances", POLICY_ACTIONS["instance"], f"{ec2_arn}:instance/*", own),
+        _allow("TagBoxInstances", POLICY_ACTIONS["instance_tags"], f"{ec2_arn}:instance/*",
+               {**own, "ForAllValues:StringEquals": {"aws:TagKeys": list(APP_TAG_KEYS)}}),
+        _allow("MoveDataVolume", POLICY_ACTIONS["move_volume"], [f"{ec2_arn}:instance/*", f"{ec2_arn}:volume/*"],
+               own),
+        _allow("CancelReplacedSpotRequest", POLICY_ACTIONS["spot_request"], f"{ec2_arn}:spot-instances-request/*",
+               own),
+        _allow("ResolveImage", POLICY_ACTIONS["image_parameter"],
+               f"arn:{partition}:ssm:{region}::parameter{image_parameter}"
+               if image_parameter.startswith("/aws/") else
+               f"arn:{partition}:ssm:{region}:{account_id}:parameter{image_parameter}"),
         _allow("ManageCallerAccess", POLICY_ACTIONS["security_group"], f"{ec2_arn}:security-group/{security_group_id}"),
     ]
     if allowed_instance_types:
         statements.append(_allow(
-            "ResizeDevbox", POLICY_ACTIONS["instance_type"], f"{ec2_arn}:instance/{instance_id}",
-            {"StringEquals": {"ec2:Attribute/InstanceType": list(allowed_instance_types)}}))
+            "ResizeDevbox", POLICY_ACTIONS["instance_type"], f"{ec2_arn}:instance/*",
+            {"StringEquals": {f"ec2:ResourceTag/{BOX_TAG}": box_name,
+                              "ec2:Attribute/InstanceType": list(allowed_instance_types)}}))
     if hosted_zone_id:
         # Route53 is global: zone ARNs carry neither region nor account.
         zone_arn = f"arn:{partition}:route53:::hostedzone/{hosted_zone_id.rsplit('/', 1)[-1]}"
@@ -146,7 +191,7 @@ def record_stack(
     if status not in ("CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE", "IMPORT_COMPLETE"):
         raise StackError(f"the stack {stack_name} is {status}; its outputs are not usable")
     outputs = stack_outputs(stack)
-    missing = [key for key in ("InstanceId", "SecurityGroupId") if not outputs.get(key)]
+    missing = [key for key in REQUIRED_OUTPUTS if not outputs.get(key)]
     if missing:
         raise StackError(f"the stack {stack_name} has no {', '.join(missing)} output; is it a devbox stack?")
     partition, arn_region, account_id = parse_stack_arn(stack["StackId"])
@@ -165,8 +210,10 @@ def record_stack(
         partition=partition,
         region=region or arn_region,
         account_id=account_id,
-        instance_id=env["INSTANCE_ID"],
+        box_name=env["BOX_NAME"],
+        launch_template_id=env["LAUNCH_TEMPLATE_ID"],
         security_group_id=env["SECURITY_GROUP_ID"],
+        image_parameter=_stack_parameter(stack, "ImageParameter") or DEFAULT_IMAGE_PARAMETER,
         hosted_zone_id=env["HOSTED_ZONE_ID"] or None,
         notify_topic_arn=topic,
         domain_name=env.get("DOMAIN_NAME") or None,
@@ -175,7 +222,10 @@ def record_stack(
     # The generated policy only takes effect with these two; a stage that set them keeps its values.
     stage_config.setdefault("autogen_policy", False)
     stage_config.setdefault("iam_policy_file", f"policy-{stage}.json")
-    stage_config.setdefault("environment_variables", {}).update(env)
+    variables = stage_config.setdefault("environment_variables", {})
+    # INSTANCE_ID belonged to the one-instance model; the app refuses to run while it is set.
+    variables.pop("INSTANCE_ID", None)
+    variables.update(env)
     _write_json(config_path, config)
     _write_json(chalice_dir / f"policy-{stage}.json", policy)
     return env
@@ -217,7 +267,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _allow(sid: str, actions: Sequence[str], resource: str,
+def _stack_parameter(stack: Mapping[str, Any], key: str) -> Optional[str]:
+    for parameter in stack.get("Parameters", []):
+        if parameter.get("ParameterKey") == key:
+            return str(parameter.get("ParameterValue") or "") or None
+    return None
+
+
+def _allow(sid: str, actions: Sequence[str], resource: "str | List[str]",
            condition: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     statement: Dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": resource}
     if condition:

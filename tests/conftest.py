@@ -41,36 +41,43 @@ def moto() -> Iterator[None]:
         yield
 
 
-class Devbox:
-    """The AWS resources of one devbox deployment, created in moto."""
+BOX = "devbox"
+SPOT_MARKET = {"MarketType": "spot",
+               "SpotOptions": {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}}
 
-    def __init__(self, with_dns: bool = True) -> None:
+
+class Devbox:
+    """The AWS resources of one devbox deployment, created in moto: a launch template, a group, a zone.
+
+    ``launch()`` gives the box an instance and a data volume the way its first start does.
+    """
+
+    def __init__(self, with_dns: bool = True, box: str = BOX) -> None:
+        self.box = box
         self.ec2 = boto3.client("ec2", region_name=REGION)
         self.route53 = boto3.client("route53", region_name=REGION)
         vpc_id = self.ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
         self.group_id = self.ec2.create_security_group(
-            GroupName="devbox", Description="devbox access", VpcId=vpc_id
+            GroupName=f"{box}-access", Description="devbox access", VpcId=vpc_id
         )["GroupId"]
-        self.instance_id = self.ec2.run_instances(
-            ImageId=IMAGE_ID,
-            InstanceType="t3.large",
-            MinCount=1,
-            MaxCount=1,
-            SecurityGroupIds=[self.group_id],
-            InstanceMarketOptions={
-                "MarketType": "spot",
-                "SpotOptions": {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"},
+        self.template_id = self.ec2.create_launch_template(
+            LaunchTemplateName=f"{box}-template",
+            LaunchTemplateData={
+                "ImageId": IMAGE_ID, "InstanceType": "t3.large",
+                "NetworkInterfaces": [{"DeviceIndex": 0, "AssociatePublicIpAddress": True, "Groups": [self.group_id]}],
+                "MetadataOptions": {"HttpTokens": "required", "InstanceMetadataTags": "enabled"},
             },
-        )["Instances"][0]["InstanceId"]
+        )["LaunchTemplate"]["LaunchTemplateId"]
         self.zone_id = ""
         if with_dns:
-            zone = self.route53.create_hosted_zone(Name="example.com", CallerReference="devbox-tests")
+            zone = self.route53.create_hosted_zone(Name="example.com", CallerReference=f"devbox-tests-{box}")
             self.zone_id = zone["HostedZone"]["Id"].rsplit("/", 1)[-1]
 
     def env(self, **overrides: str) -> Dict[str, str]:
         """The stage's environment variables for this deployment."""
         values = {
-            "INSTANCE_ID": self.instance_id,
+            "BOX_NAME": self.box,
+            "LAUNCH_TEMPLATE_ID": self.template_id,
             "SECURITY_GROUP_ID": self.group_id,
             "HOSTED_ZONE_ID": self.zone_id,
             "DOMAIN_NAME": DOMAIN if self.zone_id else "",
@@ -80,16 +87,75 @@ class Devbox:
         values.update(overrides)
         return values
 
+    def launch(self, instance_type: str = "t3.large", spot: bool = True, zone_index: int = 0) -> str:
+        """Give the box a running instance with its data volume attached (as a first start plus its running event)."""
+        subnet = self.subnets()[zone_index]
+        kwargs: Dict[str, Any] = {"InstanceMarketOptions": SPOT_MARKET} if spot else {}
+        instance = self.ec2.run_instances(
+            LaunchTemplate={"LaunchTemplateId": self.template_id, "Version": "$Latest"}, MinCount=1, MaxCount=1,
+            InstanceType=instance_type,
+            NetworkInterfaces=[{"DeviceIndex": 0, "SubnetId": subnet["SubnetId"], "Groups": [self.group_id],
+                                "AssociatePublicIpAddress": True}],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "devbox:box", "Value": self.box}]}],
+            **kwargs,
+        )["Instances"][0]
+        volume = self.ec2.create_volume(
+            AvailabilityZone=subnet["AvailabilityZone"], Size=50, VolumeType="gp3", Encrypted=True,
+            TagSpecifications=[{"ResourceType": "volume", "Tags": [
+                {"Key": "devbox:box", "Value": self.box}, {"Key": "devbox:role", "Value": "data"}]}],
+        )
+        self.ec2.create_tags(Resources=[instance["InstanceId"]],
+                             Tags=[{"Key": "devbox:volume", "Value": volume["VolumeId"]}])
+        self.ec2.attach_volume(VolumeId=volume["VolumeId"], InstanceId=instance["InstanceId"], Device="/dev/sdf")
+        return str(instance["InstanceId"])
+
+    def subnets(self) -> List[Dict[str, Any]]:
+        """The default VPC's default subnets, ordered by zone (as the app orders them)."""
+        found = self.ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+        return sorted(found, key=lambda s: (s["AvailabilityZone"], s["SubnetId"]))
+
+    def instances(self, live_only: bool = True) -> List[Dict[str, Any]]:
+        """The box's instances (by tag), oldest first; live ones only unless told otherwise."""
+        found = [i for r in self.ec2.describe_instances(
+            Filters=[{"Name": "tag:devbox:box", "Values": [self.box]}])["Reservations"] for i in r["Instances"]]
+        if live_only:
+            found = [i for i in found if i["State"]["Name"] not in ("shutting-down", "terminated")]
+        return sorted(found, key=lambda i: (i["LaunchTime"], i["InstanceId"]))
+
+    def current(self) -> Dict[str, Any]:
+        """The box's current instance: live and not retired (exactly one, or the test fails)."""
+        current = [i for i in self.instances() if not any(t["Key"] == "devbox:retired" for t in i.get("Tags", []))]
+        assert len(current) == 1, f"the box has {len(current)} current instances"
+        return current[0]
+
+    @property
+    def instance_id(self) -> str:
+        return str(self.current()["InstanceId"])
+
+    def volumes(self) -> List[Dict[str, Any]]:
+        """The box's data volumes."""
+        return list(self.ec2.describe_volumes(Filters=[
+            {"Name": "tag:devbox:box", "Values": [self.box]}, {"Name": "tag:devbox:role", "Values": ["data"]}])["Volumes"])
+
     def state(self) -> str:
-        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
-        return str(reservations[0]["Instances"][0]["State"]["Name"])
+        return str(self.current()["State"]["Name"])
 
     def public_ip(self) -> Optional[str]:
-        reservations = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
-        return reservations[0]["Instances"][0].get("PublicIpAddress")
+        return self.current().get("PublicIpAddress")
 
     def stop(self) -> None:
         self.ec2.stop_instances(InstanceIds=[self.instance_id])
+
+    def interrupt(self) -> None:
+        """Stop the current instance the way the spot service does (moto never does it by itself)."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ec2.models import ec2_backends
+        from moto.ec2.models.instances import StateReason
+
+        instance_id = self.instance_id
+        self.ec2.stop_instances(InstanceIds=[instance_id])
+        found = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(instance_id)
+        found.state_reason = StateReason("Server.SpotInstanceShutdown: Spot Instance shutdown", "Server.SpotInstanceShutdown")
 
     def rules(self) -> List[Dict[str, Any]]:
         """Inbound rules of the group."""
@@ -115,9 +181,16 @@ class Devbox:
 
 
 @pytest.fixture
-def devbox(moto: None) -> Devbox:
-    """A running spot devbox with its group and hosted zone."""
+def empty_box(moto: None) -> Devbox:
+    """A deployment whose box was never started: no instance, no data volume."""
     return Devbox()
+
+
+@pytest.fixture
+def devbox(empty_box: Devbox) -> Devbox:
+    """A running spot devbox with its data volume, group and hosted zone."""
+    empty_box.launch()
+    return empty_box
 
 
 @pytest.fixture

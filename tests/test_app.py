@@ -27,7 +27,10 @@ def test_status_reports_the_running_spot_box(api, devbox):
     assert doc["instance_id"] == devbox.instance_id
     assert doc["state"] == "running"
     assert doc["instance_type"] == "t3.large"
-    assert doc["lifecycle"] == "spot"
+    assert doc["lifecycle"] == doc["market"] == "spot"
+    assert doc["box"] == "devbox" and doc["interrupted"] is False
+    assert doc["data_volume_id"] == devbox.volumes()[0]["VolumeId"]
+    assert doc["availability_zone"] == devbox.volumes()[0]["AvailabilityZone"]
     assert doc["public_ip"] == devbox.public_ip()
     assert doc["dns_name"] == DOMAIN
     assert datetime.fromisoformat(doc["launch_time"]).tzinfo is not None
@@ -42,6 +45,7 @@ def test_status_of_stopped_box_has_no_address(stopped_devbox, make_client):
 
 def test_status_without_dns_points_at_public_dns_name(moto, make_client):
     box = Devbox(with_dns=False)
+    box.launch()
     doc = body(make_client(box.env()).http.get("/status"))
     assert doc["dns_name"] and doc["dns_name"] != DOMAIN
     assert doc["dns_name"].startswith("ec2-")
@@ -101,12 +105,17 @@ def test_start_of_running_box_only_adds_access(api, devbox, caller_ip):
     assert doc["allowed_ips"] == ["203.0.113.8/32"]
 
 
-def test_start_of_terminated_box_conflicts_and_changes_nothing(api, devbox):
+def test_start_of_box_whose_instance_was_terminated_launches_one_with_the_same_volume(api, devbox, caller_ip):
+    volume_id = devbox.volumes()[0]["VolumeId"]
     devbox.ec2.terminate_instances(InstanceIds=[devbox.instance_id])
+    caller_ip("203.0.113.7")
     response = api.http.post("/start")
-    assert response.status_code == 409
-    assert "terminated" in body(response)["Message"]
-    assert devbox.rules() == []
+    assert response.status_code == 200
+    doc = body(response)
+    assert doc["action"] == "launch" and doc["state"] == "pending"
+    assert doc["data_volume_id"] == volume_id
+    assert [v["VolumeId"] for v in devbox.volumes()] == [volume_id]
+    assert devbox.current()["InstanceId"] == doc["instance_id"]
 
 
 def test_start_with_unknown_field_is_rejected(stopped_devbox, make_client):
@@ -126,12 +135,20 @@ def test_start_with_malformed_json_is_rejected(stopped_devbox, make_client):
     assert stopped_devbox.state() == "stopped" and stopped_devbox.rules() == []
 
 
-def test_missing_instance_id_gives_500_naming_the_variable(devbox, make_client):
+def test_missing_launch_template_gives_500_naming_the_variable(devbox, make_client):
     env = devbox.env()
-    del env["INSTANCE_ID"]
+    del env["LAUNCH_TEMPLATE_ID"]
     response = make_client(env).http.get("/status")
     assert response.status_code == 500
-    assert "INSTANCE_ID" in body(response)["Message"]
+    assert "LAUNCH_TEMPLATE_ID" in body(response)["Message"]
+
+
+def test_leftover_instance_id_gives_500_saying_what_replaced_it(devbox, make_client):
+    response = make_client(devbox.env(INSTANCE_ID="i-0123456789abcdef0")).http.post("/start")
+    assert response.status_code == 500
+    message = body(response)["Message"]
+    assert "INSTANCE_ID is no longer used" in message and "BOX_NAME" in message and "LAUNCH_TEMPLATE_ID" in message
+    assert devbox.rules() == [] and devbox.state() == "running"
 
 
 def test_malformed_group_id_gives_500_naming_the_variable(devbox, make_client):
@@ -141,10 +158,20 @@ def test_malformed_group_id_gives_500_naming_the_variable(devbox, make_client):
     assert devbox.rules() == []
 
 
-def test_unknown_instance_gives_404(devbox, make_client):
-    response = make_client(devbox.env(INSTANCE_ID="i-0123456789abcdef0")).http.get("/status")
-    assert response.status_code == 404
-    assert "i-0123456789abcdef0" in body(response)["Message"]
+def test_status_of_a_box_never_started_says_none(empty_box, make_client):
+    response = make_client(empty_box.env()).http.get("/status")
+    assert response.status_code == 200
+    doc = body(response)
+    assert doc["box"] == "devbox" and doc["state"] == "none"
+    assert doc["instance_id"] is None and doc["data_volume_id"] is None and doc["market"] is None
+    assert doc["interrupted"] is False
+
+
+def test_stop_of_a_box_never_started_changes_nothing(empty_box, make_client):
+    response = make_client(empty_box.env()).http.post("/stop")
+    assert response.status_code == 200
+    assert body(response)["state"] == "none"
+    assert empty_box.instances() == []
 
 
 def test_stop_stops_running_box(api, devbox):
@@ -184,10 +211,12 @@ def test_running_event_twice_leaves_one_record(api, devbox):
 
 def test_running_event_without_dns_changes_nothing(moto, make_client):
     box = Devbox(with_dns=False)
+    box.launch()
     api = make_client(box.env())
     response = api.lambda_.invoke("on_running", state_event(api, box.instance_id, "running"))
     assert response.payload is None
     assert box.a_records() == []
+    assert box.volumes()[0]["Attachments"][0]["InstanceId"] == box.instance_id
 
 
 def test_events_for_other_instances_change_nothing(api, devbox, caller_ip):
