@@ -251,6 +251,8 @@ def _resize_and_start(ec2: Any, current: Dict[str, Any], new_type: str) -> str:
 def _attach_data_volume(ec2: Any, box_name: str, view: box.BoxView, current: Dict[str, Any], volume_id: str,
                         timeout: float, sleep: Callable[[float], None] = time.sleep) -> str:
     """Move the data volume to the current instance: detach it from one it left, wait until free, attach."""
+    if volume_id in box.attached_volume_ids(current):
+        return f"data volume {volume_id} attached"
     data = volume.describe_volume(ec2, volume_id)
     if data is None:
         log.error("%s: the data volume %s recorded on %s does not exist", box_name, volume_id, current["InstanceId"])

@@ -1,28 +1,33 @@
 """`devbox deploy` and `devbox destroy`: the CloudFormation stack, then the Chalice app.
 
 Deploy creates (or updates) the stack from ``infra/devbox.yaml``, records its outputs
-into ``.chalice/`` and runs ``chalice deploy``. Destroy undoes it in the order a
-persistent spot request needs: delete the app, cancel the spot request, terminate the
-instance, then delete the stack. Terminating first would reopen the request, and EC2
-would launch a new instance that no stack knows about.
+into ``.chalice/`` and runs ``chalice deploy``. The stack holds no instance: the service
+launches the box's instances from the stack's launch template, so a stack update never
+touches a running box, and a new image or user data reaches the box at its next rebuild
+(``devbox start --rebuild``).
 
-The stack carries a stack policy that forbids replacing (or deleting) the instance on
-an update: almost every instance setting lives in the launch template, whose changes
-replace the instance and its disk, and the AMI parameter is re-read from SSM on every
-update. To rebuild the instance on purpose, destroy and deploy again.
+Destroy finds the box's resources by their ``devbox:box`` tag, so it also cleans up after
+a failed create or once the stack is gone. It deletes the app first, then cancels the
+box's spot requests before it terminates the instances (terminating first would let a
+persistent request launch a replacement nobody knows about), deletes the box's A record,
+snapshots and keeps the data volume (or deletes it with ``--delete-data``), and deletes
+the stack last.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
-from devbox.userdata import cloud_config
+from devbox import boxaws
+from devbox.boxaws import ClientFactory
 from devbox.stack import StackError, describe_stack, record_stack, render_template, stack_outputs
+from devbox.userdata import cloud_config
 
 if TYPE_CHECKING:
     from mypy_boto3_cloudformation import CloudFormationClient
@@ -32,14 +37,13 @@ else:
     CloudFormationClient = EC2Client = Route53Client = Any
 
 Runner = Callable[[Sequence[str], str, Mapping[str, str]], int]
-ClientFactory = Callable[[str], Any]
 
 # (argparse dest, template parameter). None on the command line means "leave as is":
 # the template default on create, the stack's current value on update.
 TEMPLATE_OPTIONS: Tuple[Tuple[str, str], ...] = (
     ("instance_type", "InstanceType"),
     ("key_name", "KeyName"),
-    ("image_parameter", "ImageId"),
+    ("image_parameter", "ImageParameter"),
     ("root_volume_size", "RootVolumeSize"),
     ("subnet_id", "SubnetId"),
     ("vpc_id", "VpcId"),
@@ -49,31 +53,36 @@ TEMPLATE_OPTIONS: Tuple[Tuple[str, str], ...] = (
     ("idle_minutes", "IdleMinutes"),
 )
 
-STACK_POLICY: Dict[str, Any] = {
-    "Statement": [
-        {"Effect": "Allow", "Principal": "*", "Action": "Update:*", "Resource": "*"},
-        {
-            "Effect": "Deny",
-            "Principal": "*",
-            "Action": ["Update:Replace", "Update:Delete"],
-            "Resource": "LogicalResourceId/Instance",
-        },
-    ]
-}
 DEFAULT_NEGATIVE_TTL = 60
 DEFAULT_STAGE = "dev"
-# Long enough for a spot request that waits for capacity or a zone that takes its time.
+# Long enough for a hosted zone, or a stack deletion that waits on a slow resource.
 _WAIT = {"Delay": 10, "MaxAttempts": 360}
 _SETTLED = ("CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE", "IMPORT_COMPLETE")
+# USD per GiB-month at us-east-1 list prices, to tell the user what keeping the data costs.
+_VOLUME_PRICE = {"gp3": 0.08, "gp2": 0.10, "io1": 0.125, "io2": 0.125, "st1": 0.045, "sc1": 0.015, "standard": 0.05}
+_SNAPSHOT_PRICE = 0.05
 
 
 class DeployError(Exception):
     """A deploy or destroy step failed; the message says what to do."""
 
 
+@dataclass(frozen=True)
+class Teardown:
+    """What `devbox destroy` removes, read from the stack (or what is left of it) before anything is removed."""
+
+    box_name: str
+    # The stack to delete last; None when there is no stack any more.
+    stack_id: Optional[str]
+    zone_id: str
+    domain_name: str
+    # A stack deployed by an earlier devbox (one instance in the stack, not tagged with the box).
+    legacy_instance_id: str
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options deploy and destroy share."""
-    parser.add_argument("--stack-name", default="devbox", help="CloudFormation stack name (default: devbox)")
+    parser.add_argument("--stack-name", default="devbox", help="CloudFormation stack name, and the box's name (default: devbox)")
     parser.add_argument("--project-dir", default=".", help="Chalice project folder (default: .)")
     # SUPPRESS: when the top-level parser also has these, an option left out after the
     # sub-command must not overwrite the value given before it (`devbox --stage prod deploy`).
@@ -85,10 +94,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `devbox deploy` options: the shared ones plus the template's parameters."""
     add_common_arguments(parser)
-    group = parser.add_argument_group("stack parameters (unset: template default on create, current value on update)")
-    group.add_argument("--instance-type", help="EC2 instance type (template default: t3.large)")
+    group = parser.add_argument_group(
+        "stack parameters (unset: template default on create, current value on update; a running box"
+        " gets launch template changes at its next `devbox start --rebuild`)"
+    )
+    group.add_argument("--instance-type", help="the launch template's instance type (template default: t3.large)")
     group.add_argument("--key-name", help='EC2 key pair name for SSH ("" for none)')
-    group.add_argument("--image-parameter", help="SSM parameter naming the AMI (default: Ubuntu 24.04 amd64)")
+    group.add_argument(
+        "--image-parameter", help="SSM parameter path naming the AMI, read at each launch (default: Ubuntu 24.04 amd64)"
+    )
     group.add_argument("--root-volume-size", type=_positive_int, help="root volume size in GiB (default: 30)")
     group.add_argument("--subnet-id", help='subnet to launch into ("" for the default VPC); give --vpc-id with it')
     group.add_argument("--vpc-id", help="VPC of --subnet-id")
@@ -119,6 +133,12 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
 def add_destroy_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `devbox destroy` options."""
     add_common_arguments(parser)
+    parser.add_argument(
+        "--delete-data",
+        action="store_true",
+        help="delete the box's data volume (/home) without a snapshot, instead of snapshotting and keeping it",
+    )
+    parser.add_argument("--yes", action="store_true", help="do not ask before deleting the data volume")
 
 
 def template_parameters(args: argparse.Namespace) -> Dict[str, str]:
@@ -137,14 +157,12 @@ def deploy_stack(
 ) -> str:
     """Create or update the stack and wait; returns "created", "updated" or "unchanged"."""
     stack = describe_stack(cfn, stack_name)
-    policy = json.dumps(STACK_POLICY)
     if stack is None:
-        print(f"creating stack {stack_name} (a spot request can take a few minutes) ...")
+        print(f"creating stack {stack_name} ...")
         cfn.create_stack(
             StackName=stack_name,
             TemplateBody=template_body,
             Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
-            StackPolicyBody=policy,
             Tags=[{"Key": "devbox:stack", "Value": stack_name}],
         )
         _wait(cfn, "stack_create_complete", stack_name)
@@ -154,10 +172,18 @@ def deploy_stack(
         raise DeployError(f"the stack {stack_name} failed to create earlier; run `devbox destroy` first, then deploy again")
     if status not in _SETTLED:
         raise DeployError(f"the stack {stack_name} is {status}; wait until it settles, then deploy again")
+    legacy_instance = stack_outputs(stack).get("InstanceId")
+    if legacy_instance:
+        # That stack's instance keeps the user's files on its root disk, and this template
+        # has no instance: the update would terminate it.
+        raise DeployError(
+            f"the stack {stack_name} was deployed by an earlier devbox, whose instance {legacy_instance} keeps your"
+            " files on its root disk, and this update would delete it; copy what you need off it, run"
+            " `devbox destroy`, then deploy again"
+        )
     current = {p["ParameterKey"]: p.get("ParameterValue", "") for p in stack.get("Parameters", [])}
     if _same_template(cfn, stack_name, template_body) and all(current.get(k) == v for k, v in parameters.items()):
-        # Calling update anyway would make CloudFormation re-read the AMI parameter, and a
-        # newer AMI means replacing the instance.
+        # CloudFormation refuses an update that changes nothing; no need to ask it.
         return "unchanged"
     keys = list(current) + [k for k in parameters if k not in current]
     update_parameters: List[Dict[str, Any]] = [
@@ -166,9 +192,7 @@ def deploy_stack(
     ]
     print(f"updating stack {stack_name} ...")
     try:
-        cfn.update_stack(
-            StackName=stack_name, TemplateBody=template_body, Parameters=update_parameters, StackPolicyBody=policy
-        )
+        cfn.update_stack(StackName=stack_name, TemplateBody=template_body, Parameters=update_parameters)
     except ClientError as err:
         if err.response["Error"]["Code"] == "ValidationError" and "No updates are to be performed" in err.response["Error"].get("Message", ""):
             return "unchanged"
@@ -179,7 +203,7 @@ def deploy_stack(
 
 def set_negative_caching_ttl(route53: Route53Client, zone_id: str, ttl: int) -> str:
     """UPSERT the zone's SOA with its last field (negative-caching TTL) and record TTL set to ttl; returns the new value."""
-    zone_id = zone_id.rsplit("/", 1)[-1]
+    zone_id = boxaws.bare_zone_id(zone_id)
     zone_name = route53.get_hosted_zone(Id=zone_id)["HostedZone"]["Name"]
     page = route53.list_resource_record_sets(
         HostedZoneId=zone_id, StartRecordName=zone_name, StartRecordType="SOA", MaxItems="1"
@@ -216,35 +240,6 @@ def set_negative_caching_ttl(route53: Route53Client, zone_id: str, ttl: int) -> 
     return value
 
 
-def cancel_spot_request(ec2: EC2Client, instance: Mapping[str, Any]) -> Optional[str]:
-    """Cancel the persistent spot request behind a described instance; returns its id (None if none)."""
-    # Even a terminated instance still names its request, which may have reopened.
-    request_id = instance.get("SpotInstanceRequestId")
-    if not request_id:
-        return None
-    try:
-        ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[request_id])
-    except ClientError as err:
-        if err.response["Error"]["Code"] != "InvalidSpotInstanceRequestID.NotFound":
-            raise
-    return str(request_id)
-
-
-def delete_address_record(route53: Route53Client, zone_id: str, name: str) -> bool:
-    """Delete the devbox's A record (nothing updates it once the app is gone); returns whether one existed."""
-    zone_id = zone_id.rsplit("/", 1)[-1]
-    page = route53.list_resource_record_sets(HostedZoneId=zone_id, StartRecordName=name, StartRecordType="A", MaxItems="1")
-    for record in page.get("ResourceRecordSets", []):
-        if record["Type"] == "A" and record["Name"].rstrip(".").lower() == name.rstrip(".").lower():
-            # DELETE must repeat the record exactly as Route53 holds it.
-            route53.change_resource_record_sets(
-                HostedZoneId=zone_id,
-                ChangeBatch={"Comment": "devbox destroyed", "Changes": [{"Action": "DELETE", "ResourceRecordSet": record}]},
-            )
-            return True
-    return False
-
-
 def run_command(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> int:
     """Run a command in a folder with the given environment; returns its exit code."""
     return subprocess.run(list(argv), cwd=cwd, env=dict(env), check=False).returncode
@@ -268,11 +263,13 @@ def run_deploy(
 ) -> int:
     """Deploy the stack, record it into .chalice/, fix the zone's SOA if needed, then `chalice deploy`."""
     try:
-        clients = clients or session_clients(args)
+        clients = clients or _session_clients(args)
         cfn = clients("cloudformation")
         body = render_template(cloud_config()) if template_body is None else template_body
         outcome = deploy_stack(cfn, args.stack_name, body, template_parameters(args))
         print(f"stack {args.stack_name}: {outcome}")
+        if outcome == "updated":
+            print("a running box keeps its instance; it gets the new launch template at `devbox start --rebuild`")
         env = record_stack(cfn, args.stack_name, args.project_dir, stage=_stage(args))
         print(f"recorded {args.stack_name} into {Path(args.project_dir) / '.chalice'} (stage {_stage(args)})")
         stack = describe_stack(cfn, args.stack_name) or {}
@@ -300,72 +297,136 @@ def run_deploy(
 
 
 def run_destroy(
-    args: argparse.Namespace, *, clients: Optional[ClientFactory] = None, runner: Optional[Runner] = None
+    args: argparse.Namespace,
+    *,
+    clients: Optional[ClientFactory] = None,
+    runner: Optional[Runner] = None,
+    stdin: Optional[TextIO] = None,
 ) -> int:
-    """Delete the app, cancel the spot request, terminate the instance, then delete the stack."""
+    """Delete the app, the box's spot requests, instances and A record, keep (or delete) its data, then the stack."""
+    delete_data = bool(getattr(args, "delete_data", False))
+    ask = delete_data and not getattr(args, "yes", False)
+    stdin = stdin or sys.stdin
+    if ask and not _is_terminal(stdin):
+        print(
+            "devbox destroy: --delete-data deletes the box's data volume for good and there is no terminal to"
+            " confirm it on; pass --yes as well. Nothing was changed.",
+            file=sys.stderr,
+        )
+        return 1
     try:
-        clients = clients or session_clients(args)
+        clients = clients or _session_clients(args)
         cfn = clients("cloudformation")
-    except BotoCoreError as err:
-        print(f"devbox destroy: {err}", file=sys.stderr)
+        teardown = plan_teardown(
+            args.stack_name, describe_stack(cfn, args.stack_name), _recorded_env(args.project_dir, _stage(args))
+        )
+        if ask and not _confirm_delete_data(teardown.box_name, boxaws.find_data_volumes(clients("ec2"), teardown.box_name), stdin):
+            print("devbox destroy: not confirmed. Nothing was changed.", file=sys.stderr)
+            return 1
+    except (ClientError, BotoCoreError) as err:
+        print(f"devbox destroy: AWS refused: {err}", file=sys.stderr)
         return 1
     print(f"running chalice delete --stage {_stage(args)} ...")
     code = (runner or run_command)(
         chalice_command("delete", _stage(args), getattr(args, "profile", None)), args.project_dir, _chalice_env(cfn)
     )
     if code != 0:
-        # With the app still there, its stop handler would race the teardown below.
+        # With the app still there, it could launch or relaunch an instance during the teardown below.
         print(f"devbox destroy: chalice delete failed (exit {code}); nothing else was removed", file=sys.stderr)
         return code
     try:
-        stack = describe_stack(cfn, args.stack_name)
-        if stack is None:
+        tear_down(clients, teardown, delete_data=delete_data, profile=getattr(args, "profile", None))
+        if teardown.stack_id is None:
             print(f"stack {args.stack_name} does not exist; nothing more to delete")
             return 0
-        outputs = stack_outputs(stack)
-        instance_id = outputs.get("InstanceId", "")
-        if instance_id:
-            ec2 = clients("ec2")
-            instance = _describe_instance(ec2, instance_id)
-            request_id = cancel_spot_request(ec2, instance) if instance else None
-            if request_id:
-                print(f"cancelled spot request {request_id}")
-            if instance is not None and instance["State"]["Name"] != "terminated":
-                print(f"terminating {instance_id} ...")
-                ec2.terminate_instances(InstanceIds=[instance_id])
-                ec2.get_waiter("instance_terminated").wait(InstanceIds=[instance_id], WaiterConfig=_WAIT)
-        if outputs.get("HostedZoneId") and outputs.get("DomainName"):
-            # A record left in a zone the stack created would make deleting the zone fail.
-            if delete_address_record(clients("route53"), outputs["HostedZoneId"], outputs["DomainName"]):
-                print(f"deleted the A record {outputs['DomainName']}")
         print(f"deleting stack {args.stack_name} ...")
-        cfn.delete_stack(StackName=stack["StackId"])
-        _wait(cfn, "stack_delete_complete", stack["StackId"])
+        cfn.delete_stack(StackName=teardown.stack_id)
+        _wait(cfn, "stack_delete_complete", teardown.stack_id)
     except (DeployError, StackError) as err:
         print(f"devbox destroy: {err}", file=sys.stderr)
         return 1
+    except WaiterError as err:
+        print(f"devbox destroy: gave up waiting: {err}; run destroy again to finish", file=sys.stderr)
+        return 1
     except (ClientError, BotoCoreError) as err:
-        print(f"devbox destroy: AWS refused: {err}", file=sys.stderr)
+        print(f"devbox destroy: AWS refused: {err}; run destroy again to finish", file=sys.stderr)
         return 1
     print(f"stack {args.stack_name} deleted")
     return 0
 
 
-def session_clients(args: argparse.Namespace) -> ClientFactory:
-    """A factory of boto3 clients for the profile and region the arguments name."""
-    import boto3
-    from botocore.config import Config
+def plan_teardown(stack_name: str, stack: Optional[Mapping[str, Any]], recorded: Mapping[str, str]) -> Teardown:
+    """What destroy removes: from the stack's outputs, else a failed stack's parameters, else what deploy recorded."""
+    outputs = stack_outputs(stack) if stack else {}
+    box_name = outputs.get("BoxName") or stack_name
+    if stack and outputs:
+        zone_id, domain = outputs.get("HostedZoneId", ""), outputs.get("DomainName", "")
+    elif stack:
+        # A failed create has no outputs; a zone it was given is still there (one it created was rolled back).
+        zone_id, domain = _parameter(stack, "HostedZoneId") or "", _parameter(stack, "DomainName") or ""
+    elif recorded.get("BOX_NAME") == box_name:
+        zone_id, domain = recorded.get("HOSTED_ZONE_ID", ""), recorded.get("DOMAIN_NAME", "")
+    else:
+        zone_id = domain = ""
+    return Teardown(
+        box_name=box_name,
+        stack_id=str(stack["StackId"]) if stack else None,
+        zone_id=zone_id if domain else "",
+        domain_name=domain if zone_id else "",
+        legacy_instance_id=outputs.get("InstanceId", ""),
+    )
 
-    session = boto3.session.Session(profile_name=getattr(args, "profile", None), region_name=getattr(args, "region", None))
-    config = Config(retries={"mode": "standard", "max_attempts": 8}, user_agent_extra="devbox-deploy")
-    made: Dict[str, Any] = {}
 
-    def client(service: str) -> Any:
-        if service not in made:
-            made[service] = session.client(service, config=config)  # type: ignore[call-overload]
-        return made[service]
+def tear_down(clients: ClientFactory, teardown: Teardown, *, delete_data: bool, profile: Optional[str] = None) -> None:
+    """Remove the box's tagged resources, in the order a persistent spot request needs; the stack stays."""
+    ec2: EC2Client = clients("ec2")
+    box = teardown.box_name
+    legacy = boxaws.describe_instance(ec2, teardown.legacy_instance_id) if teardown.legacy_instance_id else None
+    # A terminated instance still names its request, which may have reopened.
+    known = boxaws.find_instances(ec2, box, include_terminated=True) + ([legacy] if legacy else [])
+    request_ids = {str(r["SpotInstanceRequestId"]) for r in boxaws.find_spot_requests(ec2, box)}
+    cancelled = boxaws.cancel_spot_requests(ec2, request_ids | set(boxaws.instance_spot_request_ids(known)))
+    print(f"cancelled spot requests: {', '.join(cancelled)}" if cancelled else f"box {box}: no spot request to cancel")
 
-    return client
+    # Asked again: a request could have launched an instance up to the moment it was cancelled.
+    live = boxaws.find_instances(ec2, box)
+    if legacy and legacy["State"]["Name"] != "terminated":
+        live.append(legacy)
+    instance_ids = sorted({str(i["InstanceId"]) for i in live})
+    if instance_ids:
+        print(f"terminating {', '.join(instance_ids)} ...")
+        boxaws.terminate_instances(ec2, instance_ids)
+        print(f"terminated {', '.join(instance_ids)}")
+    else:
+        print(f"box {box}: no instance to terminate")
+
+    if teardown.zone_id and teardown.domain_name:
+        # A record left in a zone the stack created would make deleting the zone fail.
+        try:
+            deleted = boxaws.delete_address_record(clients("route53"), teardown.zone_id, teardown.domain_name,
+                                                   comment=f"devbox {box} destroyed")
+        except ClientError as err:
+            # A zone the stack created is gone once the stack is.
+            if err.response["Error"]["Code"] != "NoSuchHostedZone":
+                raise
+            deleted = False
+        if deleted:
+            print(f"deleted the A record {teardown.domain_name}")
+
+    volumes = boxaws.find_data_volumes(ec2, box)
+    if not volumes:
+        print(f"box {box}: no data volume")
+    for volume in volumes:
+        volume_id = str(volume["VolumeId"])
+        if delete_data:
+            print(f"deleting the data volume {volume_id} ...")
+            boxaws.delete_volume(ec2, volume_id)
+            print(f"deleted the data volume {volume_id}")
+            continue
+        print(f"snapshotting the data volume {volume_id} ({volume.get('Size', '?')} GiB; a first snapshot takes a while) ...")
+        snapshot_id = boxaws.snapshot_volume(ec2, volume_id, box, description=f"devbox {box}: /home at destroy")
+        print(f"snapshot {snapshot_id} completed")
+        print(_kept_volume_note(volume, snapshot_id, box, ec2.meta.region_name, profile))
 
 
 def _wait(cfn: CloudFormationClient, waiter: str, stack_name: str) -> None:
@@ -375,12 +436,7 @@ def _wait(cfn: CloudFormationClient, waiter: str, stack_name: str) -> None:
         reasons = _failure_reasons(cfn, stack_name)
         message = f"the stack {stack_name} did not finish: {err}"
         if reasons:
-            message += "\n  " + "\n  ".join(reasons)
-        if any("stack policy" in reason.lower() for reason in reasons):
-            message += (
-                "\nThe change would replace the instance and its disk (AMI, instance type, key, volume, network"
-                " and user data all do). To rebuild it on purpose, run `devbox destroy`, then `devbox deploy`."
-            )
+            message += " (" + "; ".join(reasons) + ")"
         raise DeployError(message) from err
 
 
@@ -408,24 +464,59 @@ def _same_template(cfn: CloudFormationClient, stack_name: str, template_body: st
         return False
 
 
-def _describe_instance(ec2: EC2Client, instance_id: str) -> Optional[Dict[str, Any]]:
-    try:
-        reservations = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
-    except ClientError as err:
-        if err.response["Error"]["Code"] == "InvalidInstanceID.NotFound":
-            return None
-        raise
-    for reservation in reservations:
-        for instance in reservation["Instances"]:
-            return dict(instance)
-    return None
-
-
 def _parameter(stack: Mapping[str, Any], key: str) -> Optional[str]:
     for parameter in stack.get("Parameters", []):
         if parameter["ParameterKey"] == key:
             return str(parameter.get("ParameterValue", ""))
     return None
+
+
+def _session_clients(args: argparse.Namespace) -> ClientFactory:
+    return boxaws.session_clients(
+        getattr(args, "profile", None), getattr(args, "region", None), user_agent_extra="devbox-deploy"
+    )
+
+
+def _recorded_env(project_dir: str, stage: str) -> Dict[str, str]:
+    # What the last deploy recorded: where the box's A record is once the stack is gone.
+    try:
+        config = json.loads((Path(project_dir) / ".chalice" / "config.json").read_text())
+        variables = config["stages"][stage]["environment_variables"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(k): str(v) for k, v in variables.items()} if isinstance(variables, dict) else {}
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _confirm_delete_data(box_name: str, volumes: Sequence[Mapping[str, Any]], stdin: TextIO) -> bool:
+    found = ", ".join(f"{v['VolumeId']} ({v.get('Size', '?')} GiB)" for v in volumes) or "none found yet"
+    print(f"--delete-data deletes the data volume of box {box_name} (its /home) for good, with no snapshot: {found}.")
+    print(f"Type the box name ({box_name}) to go on: ", end="", flush=True)
+    return stdin.readline().strip() == box_name
+
+
+def _kept_volume_note(
+    volume: Mapping[str, Any], snapshot_id: str, box_name: str, region: str, profile: Optional[str]
+) -> str:
+    volume_id, size = str(volume["VolumeId"]), int(volume.get("Size", 0))
+    volume_type = str(volume.get("VolumeType", "gp3"))
+    monthly = size * _VOLUME_PRICE.get(volume_type, _VOLUME_PRICE["gp3"])
+    # A snapshot is billed for the blocks in use, so a full-size one is the most it costs.
+    snapshot_monthly = size * _SNAPSHOT_PRICE
+    options = f" --region {region}" + (f" --profile {profile}" if profile else "")
+    return (
+        f"kept the data volume {volume_id}: deploying box {box_name} again finds it, and /home comes back.\n"
+        f"  keeping it costs about ${monthly:.2f} a month ({size} GiB {volume_type}), the snapshot up to"
+        f" ${snapshot_monthly:.2f} a month more (us-east-1 list prices).\n"
+        f"  to delete them: aws ec2 delete-volume --volume-id {volume_id}{options}\n"
+        f"                  aws ec2 delete-snapshot --snapshot-id {snapshot_id}{options}"
+    )
 
 
 def _stage(args: argparse.Namespace) -> str:

@@ -88,7 +88,9 @@ def test_wrong_content_type_is_415(stopped_devbox, make_client):
 
 
 @pytest.mark.parametrize("variable,value", [
-    ("INSTANCE_ID", ""), ("INSTANCE_ID", "box-1"), ("SECURITY_GROUP_ID", ""), ("DNS_TTL", "soon"),
+    ("BOX_NAME", ""), ("BOX_NAME", "my box"), ("LAUNCH_TEMPLATE_ID", ""), ("LAUNCH_TEMPLATE_ID", "devbox"),
+    ("INSTANCE_ID", "i-0123456789abcdef0"), ("SUBNET_IDS", "subnet-1,vpc-2"), ("DATA_VOLUME_GIB", "0"),
+    ("ON_DEMAND_FALLBACK", "maybe"), ("SECURITY_GROUP_ID", ""), ("DNS_TTL", "soon"),
     ("DNS_TTL", "-5"), ("SSH_PORT", "70000"), ("HOSTED_ZONE_ID", "not a zone"), ("DOMAIN_NAME", "no spaces.com x"),
     ("ACCESS_TTL_HOURS", "0"), ("RULE_QUOTA", "1"), ("MAX_RUNTIME_HOURS", "forever"),
     ("NOTIFY_TOPIC_ARN", "my-topic"), ("ALLOWED_INSTANCE_TYPES", "t3.large,BIG"),
@@ -109,6 +111,6 @@ def test_zone_without_domain_is_500(stopped_devbox, make_client):
 def test_misconfigured_event_handler_raises_naming_the_variable(devbox, make_client):
     from tests.conftest import state_event
 
-    api = make_client(devbox.env(INSTANCE_ID=""))
-    with pytest.raises(Exception, match="INSTANCE_ID"):
+    api = make_client(devbox.env(LAUNCH_TEMPLATE_ID=""))
+    with pytest.raises(Exception, match="LAUNCH_TEMPLATE_ID"):
         api.lambda_.invoke("on_running", state_event(api, devbox.instance_id, "running"))

@@ -50,8 +50,10 @@ def test_interruption_warning_is_published_when_topic_set(devbox, make_client, i
     api.lambda_.invoke("on_interruption", interruption_event(api, devbox.instance_id))
     messages = inbox.messages()
     assert len(messages) == 1
-    assert devbox.instance_id in messages[0]["Subject"]
-    assert json.loads(messages[0]["Message"])["event"] == "EC2 Spot Instance Interruption Warning"
+    assert "devbox" in messages[0]["Subject"]
+    details = json.loads(messages[0]["Message"])
+    assert details["event"] == "EC2 Spot Instance Interruption Warning"
+    assert details["instance_id"] == devbox.instance_id and "devbox start" in details["what_happens"]
 
 
 def test_rebalance_recommendation_is_recorded_too(api, devbox):
@@ -142,7 +144,11 @@ def test_same_type_on_running_box_is_fine(devbox, make_client):
     assert response.status_code == 200
 
 
-def test_failed_start_after_resize_restores_the_old_type(stopped_devbox, make_client, inject_fault):
+def test_failed_start_after_in_place_resize_of_on_demand_box_restores_the_old_type(empty_box, make_client,
+                                                                                   inject_fault):
+    stopped_devbox = empty_box
+    stopped_devbox.launch(spot=False)
+    stopped_devbox.stop()
     api = make_client(stopped_devbox.env(ALLOWED_INSTANCE_TYPES="t3.large,m6i.xlarge"))
     inject_fault("ec2", "StartInstances", "InsufficientInstanceCapacity", status=500)
     response = api.http.post("/start", body=json.dumps({"instance_type": "m6i.xlarge"}),
@@ -176,4 +182,4 @@ def test_max_runtime_unset_means_off(devbox, api, monkeypatch, aws_calls):
     monkeypatch.setattr(service, "_now", lambda: datetime.now(timezone.utc) + timedelta(days=30))
     api.lambda_.invoke("housekeeping", scheduled_event(api))
     assert devbox.state() == "running"
-    assert aws_calls.calls == ["DescribeSecurityGroupRules"]
+    assert aws_calls.calls == ["DescribeInstances", "DescribeSecurityGroupRules"]

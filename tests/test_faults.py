@@ -36,23 +36,6 @@ def test_failed_start_keeps_rules_of_callers_already_allowed(stopped_devbox, mak
     assert stopped_devbox.rule_cidrs() == ["203.0.113.7/32", "203.0.113.7/32"]
 
 
-def test_spot_stopped_box_says_ec2_restarts_it(stopped_devbox, make_client, monkeypatch):
-    from chalicelib import instance
-
-    real = instance.describe_instance
-
-    def spot_stopped(ec2, instance_id):
-        found = real(ec2, instance_id)
-        found["StateReason"] = {"Code": instance.SPOT_SHUTDOWN, "Message": "Server.SpotInstanceShutdown"}
-        return found
-
-    monkeypatch.setattr(instance, "describe_instance", spot_stopped)
-    response = make_client(stopped_devbox.env()).http.post("/start")
-    assert response.status_code == 409
-    assert "spot service" in body(response)["Message"]
-    assert stopped_devbox.rules() == []
-
-
 def test_describe_failure_is_503_with_message_not_traceback(api, inject_fault):
     inject_fault("ec2", "DescribeInstances", "RequestLimitExceeded", status=503, retried=True)
     response = api.http.get("/status")
@@ -102,13 +85,16 @@ def test_denied_call_does_not_leak_aws_text(api, inject_fault):
     assert "injected" not in body(response)["Message"]
 
 
-def test_resize_of_spot_box_refused_by_ec2_is_409_and_changes_nothing(stopped_devbox, make_client, caller_ip,
-                                                                       inject_fault):
+def test_in_place_resize_refused_by_ec2_is_409_and_changes_nothing(empty_box, make_client, caller_ip, inject_fault):
+    stopped_devbox = empty_box
+    stopped_devbox.launch(spot=False)
+    stopped_devbox.stop()
     caller_ip("203.0.113.7")
     api = make_client(stopped_devbox.env(ALLOWED_INSTANCE_TYPES="t3.large,m6i.xlarge"))
     inject_fault("ec2", "ModifyInstanceAttribute", "UnsupportedOperation")
     response = api.http.post("/start", body=json.dumps({"instance_type": "m6i.xlarge"}),
                              headers={"Content-Type": "application/json"})
     assert response.status_code == 409
-    assert "spot" in body(response)["Message"]
+    assert "m6i.xlarge" in body(response)["Message"]
     assert stopped_devbox.state() == "stopped" and stopped_devbox.rules() == []
+    assert stopped_devbox.current()["InstanceType"] == "t3.large" and len(stopped_devbox.instances()) == 1

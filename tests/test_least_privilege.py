@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 IAM_PREFIX = {"ec2": "ec2", "route53": "route53", "sns": "sns"}
 # Reads that EC2 evaluates on "*" only; everything else must name its resource.
 READ_ONLY = re.compile(r"^[a-z0-9]+:(Describe|List|Get)")
+# Actions IAM also checks when the code makes a call (the Service Authorization Reference's
+# "dependent actions"): tags given at creation need ec2:CreateTags, and a launch template
+# whose image is "resolve:ssm:<parameter>" needs ssm:GetParameters on that parameter.
+DEPENDENT = {"ec2:RunInstances": {"ec2:CreateTags", "ssm:GetParameters"}, "ec2:CreateVolume": {"ec2:CreateTags"}}
 
 
 def code_actions():
@@ -28,7 +32,7 @@ def code_actions():
             names = {botocore.xform_name(op): op for op in model.operation_names}
             assert method in names, f"{source.name}: {service}.{method} is not an AWS operation"
             found.add(f"{IAM_PREFIX[service]}:{names[method]}")
-    return found
+    return found | {dependent for action in found for dependent in DEPENDENT.get(action, ())}
 
 
 def policy_actions(policy):
@@ -36,8 +40,8 @@ def policy_actions(policy):
 
 
 def full_policy():
-    return build_policy(partition="aws", region="us-east-1", account_id="123456789012",
-                        instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
+    return build_policy(partition="aws", region="us-east-1", account_id="123456789012", box_name="devbox",
+                        launch_template_id="lt-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
                         hosted_zone_id="Z1", notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox",
                         domain_name="devbox.example.com", allowed_instance_types=["t3.large"])
 

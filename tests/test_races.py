@@ -18,7 +18,7 @@ def test_two_callers_starting_at_once_are_both_let_in(stopped_devbox):
     def start(ip):
         barrier.wait()
         try:
-            results[ip] = service.start(ec2, config, ip)
+            results[ip] = service.start(ec2, config, config.box_name, ip)
         except Exception as err:  # collected so the test shows it
             errors.append(err)
 
@@ -41,7 +41,7 @@ def test_same_caller_twice_at_once_adds_its_rules_once(stopped_devbox):
     def start():
         barrier.wait()
         try:
-            service.start(ec2, config, "203.0.113.7")
+            service.start(ec2, config, config.box_name, "203.0.113.7")
         except Exception as err:
             errors.append(err)
 
@@ -115,7 +115,7 @@ def test_record_deleted_in_between_is_fine(api, devbox):
 
 def test_start_racing_a_stopped_handler_keeps_its_access(stopped_devbox, make_client, caller_ip, monkeypatch):
     """The handler saw 'stopped'; then a start re-used the caller's rule; then the handler revokes."""
-    from chalicelib import instance
+    from chalicelib import box
 
     caller_ip("203.0.113.7")
     api = make_client(stopped_devbox.env())
@@ -127,8 +127,8 @@ def test_start_racing_a_stopped_handler_keeps_its_access(stopped_devbox, make_cl
     monkeypatch.setattr(service, "_now", lambda: later)
     api.http.post("/start")
     # The stopped handler had described the box while it was still stopped.
-    real = instance.describe_instance
-    monkeypatch.setattr(instance, "describe_instance",
-                        lambda ec2, iid: {**real(ec2, iid), "State": {"Name": "stopped", "Code": 80}})
-    service.on_stopped(aws.client, Config.from_env(stopped_devbox.env()), stopped_devbox.instance_id, stopped_at)
+    real = box.describe_box
+    monkeypatch.setattr(box, "describe_box", lambda ec2, name: box.BoxView(name, tuple(
+        {**i, "State": {"Name": "stopped", "Code": 80}} for i in real(ec2, name).instances)))
+    service.on_stopped(aws.client, Config.from_env(stopped_devbox.env()), "devbox", stopped_devbox.instance_id, stopped_at)
     assert stopped_devbox.rule_cidrs() == ["203.0.113.7/32", "203.0.113.7/32"]

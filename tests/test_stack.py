@@ -10,19 +10,18 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from devbox import stack
-from devbox.local import FAKE_IMAGE_ID, IMAGE_PARAMETER, local_template
-from devbox.stack import POLICY_ACTIONS, StackError, build_policy, outputs_to_env, record_stack
+from devbox.stack import (DEFAULT_IMAGE_PARAMETER, POLICY_ACTIONS, TEMPLATE_PATH, StackError, build_policy,
+                          outputs_to_env, record_stack)
 
 REPO = Path(__file__).resolve().parent.parent
-# The stacks here come from devbox.local's copy of infra/devbox.yaml, whose AMI default
-# names a parameter moto can store (moto refuses names under /aws/).
+BASE = dict(partition="aws", region="us-east-1", account_id="123456789012", box_name="devbox",
+            launch_template_id="lt-0123456789abcdef0", security_group_id="sg-0123456789abcdef0")
 
 
 @pytest.fixture
 def aws() -> Iterator[None]:
-    """moto, with the AMI parameter the test template reads (fake credentials: conftest)."""
+    """moto (fake credentials: conftest)."""
     with mock_aws():
-        boto3.client("ssm").put_parameter(Name=IMAGE_PARAMETER, Value=FAKE_IMAGE_ID, Type="String")
         yield
 
 
@@ -37,7 +36,7 @@ def create_stack(name: str, **parameters: str) -> Dict[str, Any]:
     cfn = boto3.client("cloudformation")
     cfn.create_stack(
         StackName=name,
-        TemplateBody=local_template(),
+        TemplateBody=TEMPLATE_PATH.read_text(),
         Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
     )
     described = cfn.describe_stacks(StackName=name)["Stacks"][0]
@@ -54,10 +53,10 @@ def actions(policy: Dict[str, Any]) -> List[str]:
 
 
 def test_outputs_map_to_upper_snake_env_vars() -> None:
-    env = outputs_to_env(
-        {"InstanceId": "i-1", "SecurityGroupId": "sg-1", "HostedZoneId": "", "DomainName": "box.example.com"}
-    )
-    assert env == {"INSTANCE_ID": "i-1", "SECURITY_GROUP_ID": "sg-1", "HOSTED_ZONE_ID": "", "DOMAIN_NAME": "box.example.com"}
+    env = outputs_to_env({"BoxName": "devbox", "LaunchTemplateId": "lt-1", "SecurityGroupId": "sg-1",
+                          "SubnetIds": "", "HostedZoneId": "", "DomainName": "box.example.com"})
+    assert env == {"BOX_NAME": "devbox", "LAUNCH_TEMPLATE_ID": "lt-1", "SECURITY_GROUP_ID": "sg-1", "SUBNET_IDS": "",
+                   "HOSTED_ZONE_ID": "", "DOMAIN_NAME": "box.example.com"}
 
 
 def test_recording_a_stack_without_zone_fills_env_and_keeps_other_keys(aws: None, project_dir: Path) -> None:
@@ -67,29 +66,39 @@ def test_recording_a_stack_without_zone_fills_env_and_keeps_other_keys(aws: None
     config = read_json(project_dir / ".chalice" / "config.json")
     stage = config["stages"]["dev"]
     assert stage["environment_variables"] == {
-        "INSTANCE_ID": outputs["InstanceId"],
+        "BOX_NAME": "devbox",
+        "LAUNCH_TEMPLATE_ID": outputs["LaunchTemplateId"],
         "SECURITY_GROUP_ID": outputs["SecurityGroupId"],
+        "SUBNET_IDS": "",
         "HOSTED_ZONE_ID": "",
         "DOMAIN_NAME": "",
         "DNS_TTL": "60",
         "SSH_PORT": "22",
+        "DATA_VOLUME_GIB": "50",
+        "ON_DEMAND_FALLBACK": "false",
     }
-    assert env["INSTANCE_ID"] == outputs["InstanceId"]
-    (instance,) = boto3.client("ec2").describe_instances(InstanceIds=[env["INSTANCE_ID"]])["Reservations"][0]["Instances"]
-    assert instance["ImageId"] == FAKE_IMAGE_ID  # the SSM-typed default resolved
+    assert env["LAUNCH_TEMPLATE_ID"] == outputs["LaunchTemplateId"]
+    # Deploying starts nothing: the first `devbox start` launches the first instance.
+    assert boto3.client("ec2").describe_instances()["Reservations"] == []
     assert config["app_name"] == "devbox"
     assert stage["api_gateway_stage"] == "api"
     assert stage["autogen_policy"] is False
     assert stage["iam_policy_file"] == "policy-dev.json"
 
 
-def test_policy_without_zone_scopes_ec2_to_the_stack_and_grants_no_route53(aws: None, project_dir: Path) -> None:
+def test_policy_without_zone_scopes_ec2_to_the_box_and_grants_no_route53(aws: None, project_dir: Path) -> None:
     outputs = create_stack("devbox")
     record_stack(boto3.client("cloudformation"), "devbox", project_dir)
 
     policy = read_json(project_dir / ".chalice" / "policy-dev.json")
     resources = {s["Sid"]: s["Resource"] for s in policy["Statement"]}
-    assert resources["StartStopDevbox"] == f"arn:aws:ec2:us-east-1:123456789012:instance/{outputs['InstanceId']}"
+    conditions = {s["Sid"]: s.get("Condition") for s in policy["Statement"]}
+    assert resources["ControlBoxInstances"] == "arn:aws:ec2:us-east-1:123456789012:instance/*"
+    assert conditions["ControlBoxInstances"] == {"StringEquals": {"ec2:ResourceTag/devbox:box": "devbox"}}
+    template_arn = f"arn:aws:ec2:us-east-1:123456789012:launch-template/{outputs['LaunchTemplateId']}"
+    assert conditions["LaunchBoxInstance"]["StringEquals"] == {
+        "aws:RequestTag/devbox:box": "devbox", "ec2:LaunchTemplate": template_arn}
+    assert resources["ResolveImage"] == f"arn:aws:ssm:us-east-1::parameter{DEFAULT_IMAGE_PARAMETER}"
     assert resources["ManageCallerAccess"] == f"arn:aws:ec2:us-east-1:123456789012:security-group/{outputs['SecurityGroupId']}"
     assert resources["DescribeDevbox"] == "*"
     assert resources["WriteLogs"] == "arn:aws:logs:*:*:*"
@@ -133,34 +142,46 @@ PLACEHOLDER_TOPIC = "arn:aws:sns:us-east-1:123456789012:devbox-alerts"
 
 
 def test_resize_permission_only_with_allowed_types_and_only_to_them() -> None:
-    base = dict(partition="aws", region="us-east-1", account_id="123456789012",
-                instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0")
-    assert "ec2:ModifyInstanceAttribute" not in actions(build_policy(**base))
-    policy = build_policy(**base, allowed_instance_types=["t3.large", "m6i.xlarge"])
+    assert "ec2:ModifyInstanceAttribute" not in actions(build_policy(**BASE))
+    policy = build_policy(**BASE, allowed_instance_types=["t3.large", "m6i.xlarge"])
     (resize,) = [s for s in policy["Statement"] if "ec2:ModifyInstanceAttribute" in s["Action"]]
-    assert resize["Condition"] == {"StringEquals": {"ec2:Attribute/InstanceType": ["t3.large", "m6i.xlarge"]}}
+    assert resize["Condition"] == {"StringEquals": {"ec2:ResourceTag/devbox:box": "devbox",
+                                                    "ec2:Attribute/InstanceType": ["t3.large", "m6i.xlarge"]}}
 
 
-def test_tag_permission_names_only_the_apps_tags() -> None:
-    from chalicelib import cost, instance
+def test_tag_permission_names_only_the_apps_tags_on_the_boxs_instances() -> None:
+    from chalicelib import box, cost, instance
 
-    policy = build_policy(partition="aws", region="us-east-1", account_id="123456789012",
-                          instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0")
-    (tags,) = [s for s in policy["Statement"] if "ec2:CreateTags" in s["Action"]]
+    policy = build_policy(**BASE)
+    (tags,) = [s for s in policy["Statement"] if s["Sid"] == "TagBoxInstances"]
     keys = tags["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]
-    assert sorted(keys) == sorted([cost.PRICE_TAG, instance.INTERRUPTION_TAG])
+    assert sorted(keys) == sorted([cost.PRICE_TAG, instance.INTERRUPTION_TAG, instance.VOLUME_TAG, box.RETIRED_TAG])
+    assert tags["Condition"]["StringEquals"] == {"ec2:ResourceTag/devbox:box": "devbox"}
+    (on_create,) = [s for s in policy["Statement"] if s["Sid"] == "TagOnCreate"]
+    assert on_create["Condition"]["StringEquals"]["ec2:CreateAction"] == ["RunInstances", "CreateVolume"]
+
+
+def test_every_mutating_ec2_statement_is_scoped_to_the_box_or_its_template() -> None:
+    policy = build_policy(**BASE, allowed_instance_types=["t3.large"])
+    for statement in policy["Statement"]:
+        mutating = [a for a in statement["Action"] if a.startswith("ec2:") and not a.startswith("ec2:Describe")]
+        if not mutating or statement["Sid"] == "ManageCallerAccess":
+            continue
+        condition = json.dumps(statement.get("Condition", {}))
+        assert "devbox:box" in condition or "ec2:LaunchTemplate" in condition, statement["Sid"]
+    assert "ec2:DeleteVolume" not in actions(policy)
 
 
 def test_policy_grants_exactly_the_listed_actions() -> None:
     policy = build_policy(
-        partition="aws", region="us-east-1", account_id="123456789012",
-        instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0", hosted_zone_id="Z1",
+        **BASE, hosted_zone_id="Z1",
         notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox-alerts", allowed_instance_types=["t3.large"],
     )
-    assert actions(policy) == sorted(a for group in POLICY_ACTIONS.values() for a in group)
+    assert set(actions(policy)) == {a for group in POLICY_ACTIONS.values() for a in group}
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
     # Only describe calls (which EC2 cannot scope) and logs get a wildcard.
-    wide = {a for s in policy["Statement"] if "*" in s["Resource"] for a in s["Action"]}
+    wide = {a for s in policy["Statement"] if s["Resource"] == "*" or str(s["Resource"]).endswith(":*:*:*")
+            for a in s["Action"]}
     assert wide == set(POLICY_ACTIONS["any"]) | set(POLICY_ACTIONS["logs"])
 
 
@@ -177,7 +198,8 @@ def test_account_and_region_come_from_the_stack_arn(project_dir: Path) -> None:
                     "CreationTime": "2024-01-01T00:00:00Z",
                     "StackStatus": "UPDATE_COMPLETE",
                     "Outputs": [
-                        {"OutputKey": "InstanceId", "OutputValue": "i-0aaaaaaaaaaaaaaaa"},
+                        {"OutputKey": "BoxName", "OutputValue": "devbox"},
+                        {"OutputKey": "LaunchTemplateId", "OutputValue": "lt-0aaaaaaaaaaaaaaaa"},
                         {"OutputKey": "SecurityGroupId", "OutputValue": "sg-0bbbbbbbbbbbbbbbb"},
                         {"OutputKey": "HostedZoneId", "OutputValue": "Z0CCCCCCCCCCCC"},
                         {"OutputKey": "DomainName", "OutputValue": "box.example.com"},
@@ -190,7 +212,8 @@ def test_account_and_region_come_from_the_stack_arn(project_dir: Path) -> None:
     with stub:
         record_stack(cfn, "devbox", project_dir)
     resources = [s["Resource"] for s in read_json(project_dir / ".chalice" / "policy-dev.json")["Statement"]]
-    assert "arn:aws:ec2:eu-west-3:210987654321:instance/i-0aaaaaaaaaaaaaaaa" in resources
+    assert "arn:aws:ec2:eu-west-3:210987654321:launch-template/lt-0aaaaaaaaaaaaaaaa" in json.dumps(resources)
+    assert "arn:aws:ssm:eu-west-3::parameter/aws/service/canonical/" in json.dumps(resources)
     assert "arn:aws:ec2:eu-west-3:210987654321:security-group/sg-0bbbbbbbbbbbbbbbb" in resources
     assert "arn:aws:route53:::hostedzone/Z0CCCCCCCCCCCC" in resources
 
@@ -202,7 +225,7 @@ def test_recording_a_new_stage_points_it_at_its_own_policy(aws: None, project_di
     config = read_json(project_dir / ".chalice" / "config.json")
     assert config["stages"]["prod"]["iam_policy_file"] == "policy-prod.json"
     assert config["stages"]["prod"]["autogen_policy"] is False
-    assert config["stages"]["dev"]["environment_variables"]["INSTANCE_ID"] == ""
+    assert config["stages"]["dev"]["environment_variables"]["LAUNCH_TEMPLATE_ID"] == ""
     assert (project_dir / ".chalice" / "policy-prod.json").exists()
     assert not (project_dir / ".chalice" / "policy-dev.json").exists()
 
@@ -218,9 +241,7 @@ def test_missing_stack_is_an_error_and_writes_nothing(aws: None, project_dir: Pa
 def test_committed_placeholder_policy_is_what_build_policy_makes() -> None:
     committed = read_json(REPO / ".chalice" / "policy-dev.json")
     assert committed == build_policy(
-        partition="aws", region="us-east-1", account_id="123456789012",
-        instance_id="i-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
-        hosted_zone_id="Z0123456789ABCDEFGHIJ", notify_topic_arn=PLACEHOLDER_TOPIC,
+        **BASE, hosted_zone_id="Z0123456789ABCDEFGHIJ", notify_topic_arn=PLACEHOLDER_TOPIC,
         domain_name="devbox.example.com", allowed_instance_types=["t3.large", "m6i.xlarge"],
     )
 
@@ -229,10 +250,20 @@ def test_command_line_records_the_stack(aws: None, project_dir: Path, capsys: py
     outputs = create_stack("devbox")
     assert stack.main(["--stack-name", "devbox", "--project-dir", str(project_dir)]) == 0
     env = read_json(project_dir / ".chalice" / "config.json")["stages"]["dev"]["environment_variables"]
-    assert env["INSTANCE_ID"] == outputs["InstanceId"]
-    assert f"INSTANCE_ID={outputs['InstanceId']}" in capsys.readouterr().out
+    assert env["LAUNCH_TEMPLATE_ID"] == outputs["LaunchTemplateId"]
+    assert f"LAUNCH_TEMPLATE_ID={outputs['LaunchTemplateId']}" in capsys.readouterr().out
 
 
 def test_command_line_reports_a_missing_stack_on_stderr(aws: None, project_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert stack.main(["--stack-name", "nope", "--project-dir", str(project_dir)]) == 1
     assert "nope does not exist" in capsys.readouterr().err
+
+
+def test_recording_drops_a_leftover_instance_id(aws: None, project_dir: Path) -> None:
+    config_path = project_dir / ".chalice" / "config.json"
+    config = read_json(config_path)
+    config["stages"]["dev"]["environment_variables"]["INSTANCE_ID"] = "i-0123456789abcdef0"
+    config_path.write_text(json.dumps(config))
+    create_stack("devbox")
+    record_stack(boto3.client("cloudformation"), "devbox", project_dir)
+    assert "INSTANCE_ID" not in read_json(config_path)["stages"]["dev"]["environment_variables"]

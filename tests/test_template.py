@@ -67,26 +67,29 @@ def test_template_uses_no_short_form_tags() -> None:
     assert "!" not in TEMPLATE_PATH.read_text()
 
 
-def test_instance_is_a_persistent_spot_request_that_stops_when_interrupted(template: Dict[str, Any]) -> None:
-    market = launch_data(template)["InstanceMarketOptions"]
-    assert market["MarketType"] == "spot"
-    assert market["SpotOptions"] == {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
+def test_template_leaves_the_market_to_the_service_and_a_shutdown_stops(template: Dict[str, Any]) -> None:
+    from chalicelib.box import SPOT_MARKET
+
+    # RunInstances cannot turn a template's spot market into on-demand, and the fallback needs that.
+    assert "InstanceMarketOptions" not in launch_data(template)
+    assert SPOT_MARKET["SpotOptions"] == {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
     assert launch_data(template)["InstanceInitiatedShutdownBehavior"] == "stop"
 
 
 def test_instance_requires_imdsv2_and_an_encrypted_gp3_root(template: Dict[str, Any]) -> None:
     data = launch_data(template)
     assert data["MetadataOptions"]["HttpTokens"] == "required"
+    # The boot script reads its data volume's id from the instance's tags in the metadata.
+    assert data["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
     (root,) = data["BlockDeviceMappings"]
     assert root["Ebs"]["Encrypted"] is True
     assert root["Ebs"]["VolumeType"] == "gp3"
     assert root["Ebs"]["VolumeSize"] == {"Ref": "RootVolumeSize"}
 
 
-def test_instance_and_launch_template_use_the_same_image(template: Dict[str, Any]) -> None:
-    instance = template["Resources"]["Instance"]["Properties"]
-    assert instance["ImageId"] == launch_data(template)["ImageId"] == {"Ref": "ImageId"}
-    assert instance["LaunchTemplate"]["LaunchTemplateId"] == {"Ref": "LaunchTemplate"}
+def test_template_defines_no_instance(template: Dict[str, Any]) -> None:
+    # The service launches the box's instances; a stack update or delete never touches one.
+    assert not [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::Instance"]
 
 
 def test_security_group_lets_nobody_in(template: Dict[str, Any]) -> None:
@@ -95,14 +98,19 @@ def test_security_group_lets_nobody_in(template: Dict[str, Any]) -> None:
     assert not [r for r in template["Resources"].values() if r["Type"] == "AWS::EC2::SecurityGroupIngress"]
 
 
-def test_image_defaults_to_the_public_ubuntu_lts_parameter(template: Dict[str, Any]) -> None:
-    image = template["Parameters"]["ImageId"]
-    assert image["Type"] == "AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"
+def test_image_is_resolved_by_ec2_at_each_launch_from_the_public_ubuntu_lts_parameter(template: Dict[str, Any]) -> None:
+    image = template["Parameters"]["ImageParameter"]
+    assert image["Type"] == "String"
     assert image["Default"] == "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    # Not an SSM-typed parameter: CloudFormation would re-read it on every stack update.
+    assert launch_data(template)["ImageId"] == {"Fn::Sub": "resolve:ssm:${ImageParameter}"}
 
 
 def test_outputs_are_exactly_what_the_app_reads(template: Dict[str, Any]) -> None:
-    assert list(template["Outputs"]) == ["InstanceId", "SecurityGroupId", "HostedZoneId", "DomainName"]
+    from devbox.stack import OUTPUT_KEYS
+
+    assert tuple(template["Outputs"]) == OUTPUT_KEYS
+    assert OUTPUT_KEYS == ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "HostedZoneId", "DomainName")
     # moto empties every output when one reads Zone.NameServers.
     assert "NameServers" not in json.dumps(template["Outputs"])
 
