@@ -1,10 +1,13 @@
 """The local stack: the whole devbox system on a laptop, with moto standing in for AWS.
 
-`devbox local` starts a moto server, creates the devbox resources in it from
-infra/devbox.yaml through moto's CloudFormation, serves the Chalice app with
-`chalice local` against it, and relays EC2 state changes to the app's event handlers
-(moto delivers no EventBridge events). `devbox local --demo` then walks the box
-through start, status and stop with the real `devbox` command and exits.
+`devbox local` starts a moto server (devbox.fakeaws: moto, plus an endpoint that plays the
+spot service), creates the devbox resources in it from infra/devbox.yaml through moto's
+CloudFormation (a launch template, a group, a zone: no instance), serves the Chalice app
+with `chalice local` against it, and relays EC2 state changes of the box's instances to the
+app's event handlers (moto delivers no EventBridge events). `devbox local --demo` then walks
+the box through its life with the real `devbox` command and exits: the first start (an
+instance and a data volume), stop and start, a resize by relaunch, and the recovery from a
+spot interruption, checking each time that the same data volume followed.
 """
 import argparse
 import json
@@ -23,12 +26,10 @@ TEMPLATE = ROOT / "infra" / "devbox.yaml"
 REGION = "us-east-1"
 STACK_NAME = "devbox-local"
 LOCAL_DOMAIN = "devbox.local.test"
-# The template's ImageId is an SSM parameter name (Canonical's public one by default). moto
-# resolves every SSM-typed default even when a value is given, does not know Canonical's
-# parameters and refuses to create names under /aws/: so the local stack stores a fake AMI
-# id under its own name and deploys the template with that name as the default.
-IMAGE_PARAMETER = "/devbox/local/ami-id"
-FAKE_IMAGE_ID = "ami-0123456789abcdef0"
+# The launch template's image is "resolve:ssm:<Canonical's parameter>": moto keeps it as it
+# is (it resolves nothing at launch), so the template needs no change to run here.
+# Resizing is on locally, so the demo can show a resize by relaunch.
+LOCAL_SETTINGS = {"ALLOWED_INSTANCE_TYPES": "t3.large,m6i.xlarge"}
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
@@ -66,16 +67,13 @@ def aws_environment(endpoint: str) -> Dict[str, str]:
 def create_resources(endpoint: str, domain: str = LOCAL_DOMAIN) -> Dict[str, str]:
     """Create the devbox stack from infra/devbox.yaml in moto; returns the app's env vars.
 
-    Leaves the instance stopped, as a user's box is between sessions.
+    The box has no instance yet, as after a deploy: the first start launches one.
     """
     import boto3
 
     from devbox.stack import outputs_to_env
 
     session = boto3.session.Session(region_name=REGION, **_boto_credentials())
-    session.client("ssm", endpoint_url=endpoint).put_parameter(
-        Name=IMAGE_PARAMETER, Value=FAKE_IMAGE_ID, Type="String", Overwrite=True
-    )
     cfn = session.client("cloudformation", endpoint_url=endpoint)
     cfn.create_stack(
         StackName=STACK_NAME,
@@ -87,19 +85,12 @@ def create_resources(endpoint: str, domain: str = LOCAL_DOMAIN) -> Dict[str, str
     )
     cfn.get_waiter("stack_create_complete").wait(StackName=STACK_NAME, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     outputs = cfn.describe_stacks(StackName=STACK_NAME)["Stacks"][0].get("Outputs", [])
-    env = outputs_to_env({o["OutputKey"]: o.get("OutputValue", "") for o in outputs})
-    ec2 = session.client("ec2", endpoint_url=endpoint)
-    ec2.stop_instances(InstanceIds=[env["INSTANCE_ID"]])
-    return env
+    return outputs_to_env({o["OutputKey"]: o.get("OutputValue", "") for o in outputs})
 
 
 def local_template() -> str:
-    """infra/devbox.yaml with the one change moto needs: the image parameter's default."""
-    import yaml
-
-    template = yaml.safe_load(TEMPLATE.read_text())
-    template["Parameters"]["ImageId"]["Default"] = IMAGE_PARAMETER
-    return json.dumps(template)
+    """The template the local stack deploys: infra/devbox.yaml as it is."""
+    return TEMPLATE.read_text()
 
 
 def _boto_credentials() -> Dict[str, str]:
@@ -199,11 +190,11 @@ class LocalStack:
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        moto = self._spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.moto_port)],
+        moto = self._spawn([sys.executable, "-m", "devbox.fakeaws", "--port", str(self.moto_port), "--region", REGION],
                            {**base_env, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}, "moto.log")
         wait_for_port(self.moto_port, 30, moto)
-        self.say(f"moto server (stands in for AWS): {self.endpoint}")
-        self.app_env = {**create_resources(self.endpoint), **self.extra_app_env}
+        self.say(f"moto server (stands in for AWS, and plays the spot service): {self.endpoint}")
+        self.app_env = {**create_resources(self.endpoint), **LOCAL_SETTINGS, **self.extra_app_env}
         self.say("created from infra/devbox.yaml in moto's CloudFormation: "
                  + ", ".join(f"{k}={v}" for k, v in self.app_env.items() if v))
         project = write_project(self.workdir / "project", self.app_env)
@@ -223,7 +214,7 @@ class LocalStack:
         self.relay = RelayProcess(relay, self.workdir / "relay.log")
         if not wait_until(self.relay.ready, timeout=30):
             raise RuntimeError(f"the relay did not start; see {self.workdir / 'relay.log'}")
-        self.say("relay: EC2 state changes in moto go to the app's on_running/on_stopped handlers")
+        self.say("relay: state changes of the box's instances in moto go to the app's on_running/on_stopped handlers")
 
     def close(self) -> None:
         """Stop every process started (relay, API, moto), leaving none behind."""
@@ -259,6 +250,44 @@ class LocalStack:
         import boto3
 
         return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION, **_boto_credentials())
+
+    def instances(self) -> List[Dict[str, Any]]:
+        """The box's instances (found by tag), terminated ones included, oldest first."""
+        from devbox.boxaws import find_instances
+
+        return find_instances(self.aws("ec2"), self.app_env["BOX_NAME"], include_terminated=True)
+
+    def current(self) -> Optional[Dict[str, Any]]:
+        """The box's current instance (live, not retired), or None."""
+        from devbox.boxaws import RETIRED_TAG, tag_value
+
+        live = [i for i in self.instances() if i["State"]["Name"] not in ("shutting-down", "terminated")
+                and tag_value(i, RETIRED_TAG) is None]
+        return live[-1] if live else None
+
+    def data_volumes(self) -> List[Dict[str, Any]]:
+        """The box's data volumes (one, once it was started)."""
+        from devbox.boxaws import find_data_volumes
+
+        return find_data_volumes(self.aws("ec2"), self.app_env["BOX_NAME"])
+
+    def volume_holder(self) -> Optional[str]:
+        """The instance the box's data volume is attached to, or None."""
+        volumes = self.data_volumes()
+        attached = [a["InstanceId"] for v in volumes for a in v.get("Attachments", []) if a.get("State") == "attached"]
+        return attached[0] if attached else None
+
+    def interrupt(self, instance_id: str) -> None:
+        """Stop an instance as the spot service does when it reclaims capacity (devbox.fakeaws)."""
+        import urllib.request
+
+        from devbox.fakeaws import INTERRUPT_PATH
+
+        request = urllib.request.Request(self.endpoint + INTERRUPT_PATH, method="POST",
+                                         data=json.dumps({"instance_id": instance_id}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            answer.read()
 
     def access_rules(self) -> List[str]:
         """The CIDRs of the devbox group's inbound rules."""
@@ -301,7 +330,7 @@ def wait_until(check: Callable[[], bool], timeout: float = 15.0) -> bool:
 
 
 def demo(stack: LocalStack, say: Callable[[str], None]) -> int:
-    """Walk the box through start, status and stop, checking what a user would check."""
+    """Walk the box through its life, checking what a user would check at each step."""
     failures: List[str] = []
 
     def step(ok: bool, text: str) -> None:
@@ -309,31 +338,96 @@ def demo(stack: LocalStack, say: Callable[[str], None]) -> int:
         if not ok:
             failures.append(text)
 
-    say("\n1. start the box and wait until it is ready (local mode: no SSH probe, moto's IPs are not real hosts)")
-    step(run_cli(stack, ["start", "--wait", "--timeout", "60", "--no-ssh-probe"], say) == 0, "devbox start exits 0")
+    def delivered(instance_id: Optional[str], state: str) -> bool:
+        return stack.relay is not None and any(
+            line.startswith(f"relay: delivered '{state}' of {instance_id}") for line in stack.relay.lines())
+
+    def start(args: List[str], text: str) -> Optional[Dict[str, Any]]:
+        step(run_cli(stack, ["start", *args, "--wait", "--timeout", "60", "--no-ssh-probe"], say) == 0, text)
+        current = stack.current()
+        step(current is not None and wait_until(lambda: delivered(current["InstanceId"], "running")),
+             "the relay delivered EC2's 'running' event of the current instance to on_running")
+        return current
+
+    def volume_follows(current: Optional[Dict[str, Any]], volume_id: Optional[str]) -> None:
+        instance_id = current["InstanceId"] if current else None
+        step(wait_until(lambda: stack.volume_holder() == instance_id),
+             f"the data volume {volume_id} is attached to the current instance {instance_id}")
+        step([v["VolumeId"] for v in stack.data_volumes()] == [volume_id], "the box still has exactly that one data volume")
+
+    def stop(text: str) -> None:
+        current = stack.current()
+        step(run_cli(stack, ["stop", "--wait", "--timeout", "60"], say) == 0, text)
+        step(wait_until(lambda: current is not None and delivered(current["InstanceId"], "stopped")),
+             "the relay delivered EC2's 'stopped' event to on_stopped")
+        step(wait_until(lambda: stack.access_rules() == []), "the access rules are revoked")
+        step(wait_until(lambda: stack.a_record() is None), "the A record is deleted")
+
+    say("\n1. first start: the box has no instance yet (local mode: no SSH probe, moto's IPs are not real hosts)")
+    step(stack.current() is None and stack.data_volumes() == [], "before: no instance, no data volume")
+    first = start([], "devbox start exits 0")
+    volumes = stack.data_volumes()
+    volume_id = volumes[0]["VolumeId"] if len(volumes) == 1 else None
+    step(volume_id is not None, f"the first start created one data volume: {volume_id}")
+    volume_follows(first, volume_id)
     step(wait_until(lambda: "127.0.0.1/32" in stack.access_rules()),
          f"the caller's address 127.0.0.1/32 is let in: {stack.access_rules()}")
-    step(wait_until(lambda: stack.relay is not None and "running" in stack.relay.delivered),
-         "the relay delivered EC2's 'running' event to the app's on_running handler")
     step(wait_until(lambda: stack.a_record() is not None),
          f"{stack.app_env.get('DOMAIN_NAME')} has an A record -> {stack.a_record()}")
     say("\n2. status")
     step(run_cli(stack, ["status"], say) == 0, "devbox status exits 0")
-    say("\n3. stop the box")
-    step(run_cli(stack, ["stop", "--wait", "--timeout", "60"], say) == 0, "devbox stop exits 0")
-    step(wait_until(lambda: stack.relay is not None and "stopped" in stack.relay.delivered),
-         "the relay delivered EC2's 'stopped' event to the app's on_stopped handler")
-    step(wait_until(lambda: stack.access_rules() == []), "the access rules are revoked")
-    step(wait_until(lambda: stack.a_record() is None), "the A record is deleted")
+
+    say("\n3. stop, then start the same instance again")
+    stop("devbox stop exits 0")
+    again = start([], "devbox start exits 0")
+    step(again is not None and first is not None and again["InstanceId"] == first["InstanceId"],
+         "the same instance started again (a stopped instance is started, not replaced)")
+    volume_follows(again, volume_id)
+
+    say("\n4. resize: a stopped spot instance cannot change type, so the box is relaunched as m6i.xlarge")
+    stop("devbox stop exits 0")
+    resized = start(["--type", "m6i.xlarge"], "devbox start --type m6i.xlarge exits 0")
+    step(resized is not None and resized["InstanceType"] == "m6i.xlarge" and resized.get("InstanceLifecycle") == "spot"
+         and resized["InstanceId"] != (again or {}).get("InstanceId"),
+         f"a new spot instance of type m6i.xlarge: {(resized or {}).get('InstanceId')}")
+    volume_follows(resized, volume_id)
+    step(wait_until(lambda: _state_of(stack, (again or {}).get("InstanceId")) == "terminated"),
+         "the replaced instance is terminated")
+
+    say("\n5. the spot service interrupts the box (injected); `devbox start` brings it back on a new instance")
+    if resized is not None:
+        stack.interrupt(resized["InstanceId"])
+    step(wait_until(lambda: delivered((resized or {}).get("InstanceId"), "stopped")),
+         "the relay delivered the interruption's 'stopped' event")
+    step(wait_until(lambda: stack.access_rules() == [] and stack.a_record() is None),
+         "access and the A record are gone while it is stopped")
+    step(run_cli(stack, ["status"], say) == 0, "devbox status exits 0 (and says the spot service stopped it)")
+    recovered = start([], "devbox start exits 0 (a relaunch: EC2 alone may restart an interrupted instance)")
+    step(recovered is not None and recovered["InstanceId"] != (resized or {}).get("InstanceId")
+         and recovered.get("InstanceLifecycle") == "spot",
+         f"a new spot instance: {(recovered or {}).get('InstanceId')}")
+    volume_follows(recovered, volume_id)
+    step(wait_until(lambda: stack.a_record() is not None), "the A record points at the new instance")
+
+    say("\n6. stop the box")
+    stop("devbox stop exits 0")
     if stack.relay is not None and stack.relay.errors:
         step(False, f"the relay reported errors: {stack.relay.errors}")
     say("\ndemo " + ("passed" if not failures else f"FAILED: {len(failures)} step(s)"))
     return 0 if not failures else 1
 
 
+def _state_of(stack: LocalStack, instance_id: Optional[str]) -> Optional[str]:
+    for found in stack.instances():
+        if found["InstanceId"] == instance_id:
+            return str(found["State"]["Name"])
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `devbox local`."""
-    parser.add_argument("--demo", action="store_true", help="walk the box through start, status and stop, then exit")
+    parser.add_argument("--demo", action="store_true",
+                        help="walk the box through first start, stop/start, resize, spot recovery and stop, then exit")
     parser.add_argument("--port", type=int, default=0, help="port for the API (default: a free one)")
     parser.add_argument("--moto-port", type=int, default=0, help="port for the moto server (default: a free one)")
 

@@ -1,11 +1,12 @@
 """The relay: EC2 state changes in moto delivered to the app's event handlers.
 
-On AWS, EventBridge calls on_running/on_stopped when the instance changes state; moto
-sends no events. This process polls the instance's state in moto and, on each change,
-calls the app's handler with the event EventBridge would send. It runs the app's own
-code, with the same environment `chalice local` has.
+On AWS, EventBridge calls on_running/on_stopped when an instance changes state; moto
+sends no events. This process polls the states of the box's instances (found by their
+devbox:box tag, as the app finds them) and, on each change, calls the app's handler with
+the event EventBridge would send. It runs the app's own code, with the same environment
+`chalice local` has.
 
-    python -m devbox.relay --project-dir DIR   (env: AWS_ENDPOINT_URL, INSTANCE_ID, ...)
+    python -m devbox.relay --project-dir DIR   (env: AWS_ENDPOINT_URL, BOX_NAME, ...)
 """
 import argparse
 import importlib.util
@@ -16,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 EVENT_STATES = ("running", "stopped", "terminated")
 
@@ -47,29 +48,39 @@ def state_change_event(instance_id: str, state: str, region: str) -> Dict[str, A
 
 
 class Relay:
-    """Polls one instance's state and calls a handler on each change."""
+    """Polls the states of the box's instances and calls a handler on each change.
 
-    def __init__(self, describe_state: Callable[[], str], handlers: Dict[str, Callable[[Dict[str, Any], Any], Any]],
-                 make_event: Callable[[str], Dict[str, Any]], say: Callable[[str], None]) -> None:
-        self.describe_state = describe_state
+    The first poll only records what exists. An instance that appears later is new (launched
+    by a start or relaunch): it is taken to have been pending, so its first state is delivered.
+    """
+
+    def __init__(self, describe_states: Callable[[], Dict[str, str]],
+                 handlers: Dict[str, Callable[[Dict[str, Any], Any], Any]],
+                 make_event: Callable[[str, str], Dict[str, Any]], say: Callable[[str], None]) -> None:
+        self.describe_states = describe_states
         self.handlers = handlers
         self.make_event = make_event
         self.say = say
-        self.last_state: Optional[str] = None
+        self.last_states: Optional[Dict[str, str]] = None
 
-    def poll_once(self) -> Optional[str]:
-        """Deliver an event if the state changed since the last poll; returns the state delivered."""
-        state = self.describe_state()
-        if state == self.last_state:
-            return None
-        first = self.last_state is None
-        self.last_state = state
-        handler = self.handlers.get(state)
-        if first or handler is None:
-            return None
-        handler(self.make_event(state), None)
-        self.say(f"relay: delivered '{state}' to the app's event handler")
-        return state
+    def poll_once(self) -> List[Tuple[str, str]]:
+        """Deliver an event for each instance whose state changed; returns (instance, state) delivered."""
+        states = self.describe_states()
+        if self.last_states is None:
+            self.last_states = dict(states)
+            return []
+        delivered = []
+        for instance_id, state in sorted(states.items()):
+            if state == self.last_states.get(instance_id, "pending"):
+                continue
+            handler = self.handlers.get(state)
+            if handler is not None:
+                # Recorded only after the handler succeeded: a failure is delivered again next poll.
+                handler(self.make_event(instance_id, state), None)
+                self.say(f"relay: delivered '{state}' of {instance_id} to the app's event handler")
+                delivered.append((instance_id, state))
+            self.last_states[instance_id] = state
+        return delivered
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -85,19 +96,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     import boto3
 
     app = load_app(args.project_dir)
-    instance_id = os.environ["INSTANCE_ID"]
+    box_name = os.environ["BOX_NAME"]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     ec2 = boto3.client("ec2", region_name=region)
 
-    def describe_state() -> str:
-        found = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
-        return str(found["State"]["Name"])
+    def describe_states() -> Dict[str, str]:
+        # The box's instances, found by tag as the app finds them.
+        pages = ec2.get_paginator("describe_instances").paginate(
+            Filters=[{"Name": "tag:devbox:box", "Values": [box_name]}])
+        return {i["InstanceId"]: str(i["State"]["Name"])
+                for page in pages for r in page["Reservations"] for i in r["Instances"]}
 
-    relay = Relay(describe_state, {"running": app.on_running, "stopped": app.on_stopped,
-                                   "terminated": app.on_stopped},
-                  lambda state: state_change_event(instance_id, state, region), say)
+    relay = Relay(describe_states, {"running": app.on_running, "stopped": app.on_stopped,
+                                    "terminated": app.on_stopped},
+                  lambda instance_id, state: state_change_event(instance_id, state, region), say)
     relay.poll_once()
-    say(f"relay: watching {instance_id} (state {relay.last_state})")
+    say(f"relay: watching the instances of box {box_name} ({len(relay.last_states or {})} now)")
     while True:
         time.sleep(args.interval)
         try:
@@ -106,8 +120,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         except Exception as err:  # keep relaying; a handler failure is what Lambda would log and retry
             say(f"relay: error: {type(err).__name__}: {err}")
-            # Deliver the same state again on the next poll, as Lambda's async retry would.
-            relay.last_state = "retry"
 
 
 if __name__ == "__main__":
