@@ -26,6 +26,8 @@ else:
     EC2Client = Any
 
 BOX_TAG = "devbox:box"
+# When the app launched the instance (microseconds): the order of launches even within a second.
+LAUNCHED_TAG = "devbox:launched"
 RETIRED_TAG = "devbox:retired"
 GONE = ("shutting-down", "terminated")
 SPOT = "spot"
@@ -46,6 +48,7 @@ _TRY_NEXT = {
     "InsufficientFreeAddressesInSubnet", "Unsupported", "SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded",
 }
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 @dataclass(frozen=True)
@@ -126,10 +129,16 @@ def attached_volume_ids(instance: Dict[str, Any]) -> List[str]:
 
 
 def _launch_order(instance: Dict[str, Any]) -> Tuple[datetime, str]:
-    # LaunchTime moves on every start; the root volume's attach time is set once, at launch.
+    # The app's own launch stamp first; else the root volume's attach time, which is set once at
+    # launch (LaunchTime moves on every start).
+    stamp = tag_value(instance, LAUNCHED_TAG)
+    try:
+        when: Any = datetime.strptime(stamp, _STAMP_FORMAT).replace(tzinfo=timezone.utc) if stamp else None
+    except ValueError:
+        when = None
     root = instance.get("RootDeviceName")
-    when = next((m["Ebs"].get("AttachTime") for m in instance.get("BlockDeviceMappings", [])
-                 if m.get("DeviceName") == root and "Ebs" in m), None) or instance.get("LaunchTime")
+    when = when or next((m["Ebs"].get("AttachTime") for m in instance.get("BlockDeviceMappings", [])
+                         if m.get("DeviceName") == root and "Ebs" in m), None) or instance.get("LaunchTime")
     if not isinstance(when, datetime):
         when = datetime.min.replace(tzinfo=timezone.utc)
     elif when.tzinfo is None:
@@ -233,7 +242,8 @@ class LaunchSpec:
 
 def run_instance(ec2: EC2Client, spec: LaunchSpec, attempt: Attempt, token: str) -> Dict[str, Any]:
     """One RunInstances call from the launch template; returns the instance described."""
-    instance_tags = [{"Key": BOX_TAG, "Value": spec.box_name}, {"Key": "Name", "Value": spec.box_name}]
+    instance_tags = [{"Key": BOX_TAG, "Value": spec.box_name}, {"Key": "Name", "Value": spec.box_name},
+                     {"Key": LAUNCHED_TAG, "Value": datetime.now(timezone.utc).strftime(_STAMP_FORMAT)}]
     if spec.volume_id:
         # The boot script reads this tag (instance metadata) to find the data volume.
         instance_tags.append({"Key": VOLUME_TAG, "Value": spec.volume_id})

@@ -125,6 +125,8 @@ def _carry_out(ec2: Any, config: Config, box_name: str, view: box.BoxView, plan:
         return new, instance.state_of(new), {"tried": list(launched.tried)}
     assert current is not None, "plan_start launches when there is no current instance"
     volume_id = _ensure_data_volume(ec2, config, box_name, current)
+    if not instance.tag_value(current, instance.VOLUME_TAG):
+        current = {**current, "Tags": current.get("Tags", []) + [{"Key": instance.VOLUME_TAG, "Value": volume_id}]}
     state = instance.state_of(current)
     if plan.action == "none":
         if state == "running" and volume_id not in box.attached_volume_ids(current):

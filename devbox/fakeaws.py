@@ -1,16 +1,23 @@
-"""The local stack's stand-in for AWS: moto's server, plus what AWS's spot service does by itself.
+"""The local stack's stand-in for AWS: moto's server, plus two things AWS does that moto does not.
 
-moto answers the AWS APIs but nothing in it ever interrupts a spot instance. This process
-serves moto over HTTP exactly as ``python -m moto.server`` does, and adds one endpoint that
-plays the spot service: it stops an instance and records EC2's state reason for a spot
-interruption (``Server.SpotInstanceShutdown``), so the app sees what it would see on AWS.
+This process serves moto over HTTP as ``python -m moto.server`` does, and adds:
+
+- the spot service: one endpoint stops an instance and records EC2's state reason for a spot
+  interruption (``Server.SpotInstanceShutdown``), so the app sees what it would see on AWS;
+- idempotency tokens: EC2 answers a RunInstances or CreateVolume call that repeats a
+  ClientToken with the answer of the first call and creates nothing ("Ensuring idempotency in
+  Amazon EC2 API requests"); moto ignores the token. The app relies on it when concurrent
+  first starts race, so the local stack honours it.
 
     python -m devbox.fakeaws --port PORT        (loopback only)
     POST /_devbox/spot-interruption  {"instance_id": "i-..."}   -> 200 {"stopped": "i-..."}
 """
 import argparse
+import io
 import json
 import sys
+import threading
+from urllib.parse import parse_qs
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 INTERRUPT_PATH = "/_devbox/spot-interruption"
@@ -31,19 +38,51 @@ def interrupt(instance_id: str, region: str) -> None:
     backend.get_instance(instance_id).state_reason = StateReason(*SPOT_SHUTDOWN)
 
 
+IDEMPOTENT_ACTIONS = ("RunInstances", "CreateVolume")
+
+
 class SpotService:
-    """WSGI middleware: the interruption endpoint in front of moto's application."""
+    """WSGI middleware in front of moto's application: the interruption endpoint and EC2's client tokens."""
 
     def __init__(self, app: WsgiApp, region: str) -> None:
         self.app = app
         self.region = region
+        self.answers: Dict[Tuple[str, str], Tuple[str, List[Tuple[str, str]], bytes]] = {}
+        self.lock = threading.Lock()
 
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != INTERRUPT_PATH:
-            return self.app(environ, start_response)
+            return self._with_client_token(environ, start_response)
         status, body = self._interrupt(environ)
         start_response(status, [("Content-Type", "application/json")])
         return [json.dumps(body).encode()]
+
+    def _with_client_token(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "POST":
+            return self.app(environ, start_response)
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        form = parse_qs(body.decode("utf-8", "replace"))
+        action, token = form.get("Action", [""])[0], form.get("ClientToken", [""])[0]
+        if action not in IDEMPOTENT_ACTIONS or not token:
+            return self.app(environ, start_response)
+        with self.lock:
+            # One call per token at a time; a success is remembered and given to every repeat.
+            answer = self.answers.get((action, token))
+            if answer is None:
+                captured: Dict[str, Any] = {}
+
+                def capture(status: str, headers: List[Tuple[str, str]], *_: Any) -> Any:
+                    captured.update(status=status, headers=list(headers))
+                    return lambda data: None
+
+                content = b"".join(self.app(environ, capture))
+                answer = (captured["status"], captured["headers"], content)
+                if answer[0].startswith("2"):
+                    self.answers[(action, token)] = answer
+        start_response(answer[0], answer[1])
+        return [answer[2]]
 
     def _interrupt(self, environ: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
         if environ.get("REQUEST_METHOD") != "POST":

@@ -357,3 +357,42 @@ def scheduled_event(client: Client) -> Dict[str, Any]:
     )
     event["time"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return event
+
+
+@pytest.fixture
+def client_tokens(moto: None, monkeypatch: pytest.MonkeyPatch) -> Dict[Any, Any]:
+    """EC2's documented ClientToken idempotency, which moto lacks, on the app's EC2 client.
+
+    AWS answers a RunInstances or CreateVolume call that repeats a token with the first call's
+    answer (only the instance's state may differ) and creates nothing ("Ensuring idempotency in
+    Amazon EC2 API requests"). Calls with one token are serialized, as AWS's answer is atomic.
+    """
+    import threading
+
+    ec2 = aws.client("ec2")
+    lock = threading.Lock()
+    answers: Dict[Any, Any] = {}
+
+    def idempotent(name: str) -> Callable[..., Any]:
+        method = getattr(ec2, name)
+
+        def call(**kwargs: Any) -> Any:
+            token = kwargs.get("ClientToken")
+            if not token:
+                return method(**kwargs)
+            with lock:
+                if (name, token) not in answers:
+                    answers[(name, token)] = method(**kwargs)
+                answer = answers[(name, token)]
+            if name == "run_instances":
+                ids = [i["InstanceId"] for i in answer["Instances"]]
+                states = {i["InstanceId"]: i["State"] for r in boto3.client("ec2", region_name=REGION)
+                          .describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]}
+                answer = {**answer, "Instances": [{**i, "State": states[i["InstanceId"]]} for i in answer["Instances"]]}
+            return answer
+
+        return call
+
+    monkeypatch.setattr(ec2, "run_instances", idempotent("run_instances"))
+    monkeypatch.setattr(ec2, "create_volume", idempotent("create_volume"))
+    return answers

@@ -72,14 +72,16 @@ class SshClient:
 
 
 def instance_state(stack: LocalStack) -> str:
-    """The devbox instance's state as moto reports it."""
-    reservations = stack.aws("ec2").describe_instances(InstanceIds=[stack.app_env["INSTANCE_ID"]])["Reservations"]
-    return str(reservations[0]["Instances"][0]["State"]["Name"])
+    """The state of the box's current instance as moto reports it ("none" before the first start)."""
+    current = stack.current()
+    return str(current["State"]["Name"]) if current else "none"
 
 
 def stop_box(stack: LocalStack) -> None:
     """Stop the instance behind the app's back and wait until the app has revoked access."""
-    stack.aws("ec2").stop_instances(InstanceIds=[stack.app_env["INSTANCE_ID"]])
+    current = stack.current()
+    assert current is not None, "the box has no instance to stop"
+    stack.aws("ec2").stop_instances(InstanceIds=[current["InstanceId"]])
     assert wait_until(lambda: instance_state(stack) == "stopped")
     # The relay hands EC2's 'stopped' event to on_stopped, which revokes the caller's rules;
     # an ssh started before that could see its fresh rule revoked by the stale event.
@@ -132,8 +134,8 @@ def ssh(stack: LocalStack, sshd: Sshd, workdir: Path) -> SshClient:
 
 @pytest.fixture
 def stopped_box(stack: LocalStack) -> LocalStack:
-    """The module's stack with its box stopped (as created, or stopped again by this fixture)."""
-    if instance_state(stack) != "stopped":
+    """The module's stack with its box not running (no instance as created, or stopped by this fixture)."""
+    if instance_state(stack) not in ("stopped", "none"):
         stop_box(stack)
     return stack
 
@@ -180,15 +182,23 @@ def test_box_stopped_again_is_started_by_the_next_ssh(ssh: SshClient, stack: Loc
     assert CALLER_RULE in stack.access_rules()
 
 
-def test_terminated_box_fails_ssh_with_the_apis_message(sshd: Sshd, workdir: Path) -> None:
-    # A stack of its own: a terminated instance cannot come back for the other tests.
+def test_box_whose_instance_was_terminated_is_relaunched_by_ssh_with_its_data_volume(sshd: Sshd, workdir: Path) -> None:
+    # A stack of its own, so the other tests keep their instance.
     with LocalStack(new_folder(workdir / "terminated-stack"), say=lambda _: None) as doomed:
         ssh = _client(doomed, sshd, workdir / "terminated-client")
-        instance_id = doomed.app_env["INSTANCE_ID"]
-        doomed.aws("ec2").terminate_instances(InstanceIds=[instance_id])
+        first = ssh.run(ALIAS, "true")
+        assert first.returncode == 0, failure_report(first, ssh.sshd)
+        old = doomed.current()
+        assert old is not None
+        volume_ids = [v["VolumeId"] for v in doomed.data_volumes()]
+        doomed.aws("ec2").terminate_instances(InstanceIds=[old["InstanceId"]])
+        assert wait_until(lambda: doomed.access_rules() == [], timeout=30)
 
-        done = ssh.run(ALIAS, "true")
+        done = ssh.run(ALIAS, "echo", "back")
+        new = doomed.current()
 
-    assert done.returncode != 0
-    assert f"the devbox {instance_id} is terminated and cannot be started" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+        assert done.returncode == 0, failure_report(done, ssh.sshd)
+        assert done.stdout == "back\n"
+        assert new is not None and new["InstanceId"] != old["InstanceId"]
+        assert [v["VolumeId"] for v in doomed.data_volumes()] == volume_ids
+        assert wait_until(lambda: doomed.volume_holder() == new["InstanceId"])
