@@ -20,7 +20,7 @@ EXIT_USAGE = 2  # bad arguments, no API URL (argparse uses 2 as well)
 EXIT_AUTH = 3  # HTTP 403 (signature, permission) or no usable AWS credentials
 EXIT_NOT_FOUND = 4  # HTTP 404: the configured instance does not exist
 EXIT_CONFLICT = 5  # HTTP 409: the instance's state forbids the operation
-EXIT_UNAVAILABLE = 6  # HTTP 503: no spot capacity, or AWS throttling; try again later
+EXIT_UNAVAILABLE = 6  # HTTP 503: no capacity for any allowed type, or AWS throttling; try again later
 EXIT_UNREACHABLE = 7  # the API (or the devbox's SSH port) could not be reached
 EXIT_TIMEOUT = 8  # the API did not answer in time, or a --wait ran out of time
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
@@ -32,7 +32,10 @@ CONNECT_TIMEOUT = 5.0
 URL_ENV = "DEVBOX_URL"
 _EXECUTE_API_HOST = re.compile(r"\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
 _ERRNO_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
-_MAX_MESSAGE = 300
+# A body that is not the app's own error (an HTML page, a proxy's text) is cut short; the app's
+# Message is kept longer, since a capacity error names every launch it tried.
+_MAX_EXCERPT = 300
+_MAX_MESSAGE = 1500
 
 
 class CliError(Exception):
@@ -170,9 +173,14 @@ class DevboxApi:
         """The instance's status document."""
         return self._call("GET", "/status")
 
-    def start(self, instance_type: Optional[str] = None) -> Dict[str, Any]:
-        """Let the caller's IP in and start the instance if needed; optionally as another type."""
-        return self._call("POST", "/start", {"instance_type": instance_type} if instance_type else {})
+    def start(self, instance_type: Optional[str] = None, rebuild: bool = False) -> Dict[str, Any]:
+        """Let the caller's IP in and get the box running: optionally as another type, or on a new instance."""
+        body: Dict[str, Any] = {}
+        if instance_type:
+            body["instance_type"] = instance_type
+        if rebuild:
+            body["rebuild"] = True
+        return self._call("POST", "/start", body)
 
     def stop(self) -> Dict[str, Any]:
         """Stop the instance (a no-op when it is already stopped)."""
@@ -253,16 +261,28 @@ def _error_fields(content: bytes) -> Tuple[Optional[str], Optional[str]]:
     # The app answers {"Code", "Message"}; API Gateway's own errors use {"message"}.
     code = body.get("Code")
     message = body.get("Message") or body.get("message")
-    return (str(code) if code else None), (_one_line(str(message)) if message else None)
+    return (_one_line(str(code)) if code else None), (_one_line(str(message), _MAX_MESSAGE) if message else None)
 
 
 def _excerpt(content: bytes) -> str:
     return _one_line(content.decode("utf-8", errors="replace"))
 
 
-def _one_line(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _MAX_MESSAGE else flat[: _MAX_MESSAGE - 3] + "..."
+def printable(value: Any) -> str:
+    """value as text that is safe on a terminal: control and format characters are shown escaped.
+
+    Status fields come from instance tags and error messages from the server; an escape
+    sequence in either must not reach the user's terminal as one.
+    """
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+def _one_line(text: str, limit: int = _MAX_EXCERPT) -> str:
+    flat = printable(" ".join(text.split()))
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _connection_reason(err: Exception) -> str:

@@ -1,5 +1,9 @@
 """The `devbox` command: start, stop and inspect the devbox, and reach it over SSH.
 
+The box is a name with a data volume (/home) and disposable instances: `devbox start` may
+start the stopped instance, or launch a new one (first start, spot interruption, resize of a
+spot box, --rebuild) that takes the data volume over; it says which, and why.
+
 Every subcommand accepts --profile/--region/--url (and --stage, which picks the chalice
 deployment record used when no URL is given). `main()` returns the exit code; failures
 print one line on stderr (exit codes: see devbox.api.EXIT_*).
@@ -26,8 +30,16 @@ from devbox.api import (
     CliError,
     DevboxApi,
     find_deployed_url,
+    printable,
 )
-from devbox.progress import Progress, WaitOptions, wait_until_ready, wait_until_stopped
+from devbox.progress import (
+    Progress,
+    WaitOptions,
+    note_start,
+    start_report,
+    wait_until_ready,
+    wait_until_stopped,
+)
 from devbox.proxy import HOST_OVERRIDE_ENV
 
 Handler = Callable[[argparse.Namespace], int]
@@ -88,12 +100,16 @@ def build_parser(requested: Optional[str] = None) -> argparse.ArgumentParser:
     _add_common(parser, top_level=True)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    status = _command(commands, "status", "show the devbox's state and address", cmd_status)
+    status = _command(commands, "status", "show the box: its instance, data volume, state and address", cmd_status)
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
 
     start = _command(commands, "start", "start the devbox and let this IP in over SSH", cmd_start)
     start.add_argument("--type", dest="instance_type", type=_instance_type, metavar="INSTANCE_TYPE",
                        help="run as this instance type (e.g. t3.large)")
+    start.add_argument("--rebuild", action="store_true",
+                       help="on a stopped box: replace its instance with a new one from the launch template's"
+                            " latest version (same type unless --type); /home (the data volume) is kept,"
+                            " everything else on the old root disk is not")
     start.add_argument("--wait", action="store_true", help="wait until the devbox runs and its SSH port answers")
     _add_wait_options(start, probe_switch=True)
     start.add_argument("--json", action="store_true", help="print the final status document as JSON")
@@ -246,7 +262,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     """devbox start: start the devbox; with --wait, until it runs and answers on its SSH port."""
     api = _api(args)
-    status = api.start(args.instance_type)
+    status = api.start(args.instance_type, rebuild=args.rebuild)
+    if not args.json:
+        # Said before any wait: a relaunch means a new root disk, worth knowing at once.
+        for line in start_report(status):
+            print(line, flush=True)
     if args.wait:
         with Progress() as progress:
             status = wait_until_ready(api, _wait_options(args), progress).status
@@ -317,8 +337,9 @@ def cmd_ssh(args: argparse.Namespace) -> int:
         extra = extra[1:]
     api = _api(args)
     # Always /start: it is idempotent and lets this IP in, which may have changed since last time.
-    api.start()
+    answer = api.start()
     with Progress() as progress:
+        note_start(progress, answer)
         ready = wait_until_ready(api, _wait_options(args), progress)
     if args.host:
         command = ["ssh", args.host, *extra]
@@ -351,17 +372,30 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def format_status(status: Dict[str, Any]) -> str:
-    """A short human table of the status document."""
+    """A short human table of the status document (a malformed one too: odd values are shown, not fatal)."""
     address = status.get("dns_name") or status.get("public_ip")
     if address and status.get("public_ip") and address != status.get("public_ip"):
         address = f"{address} ({status['public_ip']})"
+    state = status.get("state")
+    if state == "none":
+        state = "none (no instance yet: `devbox start` launches one)"
     rows = [
-        ("state", status.get("state")),
+        ("box", status.get("box")),
+        ("state", state),
+    ]
+    if status.get("interrupted") is True:
+        # Only EC2 may start a spot-stopped instance again, whenever capacity returns.
+        rows.append(("interrupted", "the spot service stopped this instance; `devbox start` launches a new"
+                                    " instance with the same data volume"))
+    rows += [
         ("instance", status.get("instance_id")),
         ("type", status.get("instance_type")),
-        ("lifecycle", status.get("lifecycle")),
+        # "lifecycle" is what servers from before "market" answered.
+        ("market", status.get("market") or status.get("lifecycle")),
+        ("zone", status.get("availability_zone")),
+        ("data volume", status.get("data_volume_id")),
         ("address", address),
-        ("allowed IPs", ", ".join(status.get("allowed_ips") or []) or "none"),
+        ("allowed IPs", _listing(status.get("allowed_ips")) or "none"),
         ("launched", _time(status.get("launch_time"))),
     ]
     if status.get("last_interruption"):
@@ -373,7 +407,19 @@ def format_status(status: Dict[str, Any]) -> str:
     if status.get("estimated_cost") is not None:
         rows.append(("estimated cost", _money(status["estimated_cost"], "", 4)))
     width = max(len(label) for label, _ in rows) + 3
-    return "\n".join(f"{label + ':':<{width}}{'-' if value in (None, '') else value}" for label, value in rows)
+    return "\n".join(f"{label + ':':<{width}}{_cell(value)}" for label, value in rows)
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    return printable(value)
+
+
+def _listing(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(item) for item in value if item not in (None, ""))
+    return "" if value is None else str(value)
 
 
 def _time(value: Any) -> Any:

@@ -2,6 +2,10 @@
 
 Progress goes to stderr only (the proxy's stdout carries the SSH stream): on a terminal one
 line is redrawn with a spinner, otherwise each step is printed once.
+
+The box is a name whose instances come and go: after a relaunch (a spot interruption, a
+resize of a spot box, a rebuild) the status names the new instance, and a status without
+one ("none") while waiting means the instance /start launched is already gone.
 """
 import ipaddress
 import socket
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Protocol, Set, TextIO, Type, Union
 
-from devbox.api import EXIT_CONFLICT, EXIT_TIMEOUT, ApiError, CliError
+from devbox.api import EXIT_CONFLICT, EXIT_TIMEOUT, ApiError, CliError, printable
 
 POLL_INTERVAL = 2.0
 DEFAULT_WAIT_TIMEOUT = 300.0
@@ -21,6 +25,11 @@ SSH_CONNECT_TIMEOUT = 3.0
 # A poll that fails for a reason that passes (timeout, 5xx) is retried this many times in a row.
 MAX_STATUS_FAILURES = 3
 FINAL_STATES = ("terminated", "shutting-down")
+# The status of a box with no instance. Right after a launch, EC2's describe calls may not list
+# the new instance for a moment (its API is eventually consistent): "none" before any instance
+# was seen ends the wait only after this many seconds.
+NO_INSTANCE = "none"
+NO_INSTANCE_GRACE = 10.0
 _SPINNER = "|/-\\"
 _TICK = 0.1
 # Names EC2 itself hands out: they follow the address, so there is no record to wait for.
@@ -180,10 +189,77 @@ def connect_host(status: Dict[str, Any], host_override: Optional[str] = None) ->
     return str(host)
 
 
+def placement(status: Dict[str, Any]) -> str:
+    """The instance's type, market and zone as a phrase ("t3.large spot in us-east-1a"); missing parts left out."""
+    # "lifecycle" is what servers from before "market" answered.
+    market = status.get("market") or status.get("lifecycle")
+    words = [printable(value) for value in (status.get("instance_type"), market) if value]
+    zone = status.get("availability_zone")
+    if zone:
+        words += ["in", printable(zone)]
+    return " ".join(words)
+
+
 def describe(status: Dict[str, Any]) -> str:
-    """A short phrase for a running instance: type, lifecycle and address."""
-    parts = [str(status.get(key)) for key in ("instance_type", "lifecycle", "public_ip") if status.get(key)]
-    return ", ".join(parts)
+    """A short phrase for a running instance: type, market, zone and address."""
+    parts = [placement(status), printable(status.get("public_ip") or "")]
+    return ", ".join(part for part in parts if part)
+
+
+def instance_label(status: Dict[str, Any]) -> str:
+    """"instance i-..." when the status names one, else "instance"."""
+    instance_id = status.get("instance_id")
+    return f"instance {printable(instance_id)}" if instance_id else "instance"
+
+
+def start_report(answer: Dict[str, Any]) -> List[str]:
+    """What /start did, as a line, then one line per capacity refusal met before the launch that worked.
+
+    Empty for an answer without "action" (a server from before the box model).
+    """
+    action = answer.get("action")
+    if not action:
+        return []
+    instance = printable(answer.get("instance_id") or "the instance")
+    where = placement(answer)
+    named = f"{instance} ({where})" if where else instance
+    reason = printable(answer.get("reason") or "")
+    volume = printable(answer.get("data_volume_id") or "")
+    follows = f"; data volume {volume} follows it" if volume else "; the data volume follows it"
+    if action == "none":
+        line = f"{instance} is {reason or 'already ' + printable(answer.get('state'))}"
+    elif action == "start":
+        line = f"started {named}"
+    elif action == "resize":
+        line = f"resized and started {named}"
+    elif action == "launch" and reason == "first start":
+        # Not "created": a first start also finds a data volume kept by `devbox destroy`.
+        line = f"first start: launched {named}" + (f" with data volume {volume} for /home" if volume else "")
+    elif action in ("launch", "relaunch"):
+        line = f"launched a new instance {named} because: {reason or action}{follows}"
+    else:
+        line = f"{printable(action)}: {named}" + (f" ({reason})" if reason else "")
+    tried = answer.get("tried")
+    entries = [tried] if isinstance(tried, str) else tried if isinstance(tried, list) else []
+    return [line, *(f"  refused first: {printable(entry)}" for entry in entries if entry)]
+
+
+def note_start(progress: "Progress", answer: Dict[str, Any]) -> None:
+    """Tell on the progress stream what /start did, unless it found the box already up."""
+    if answer.get("action") != "none":
+        for line in start_report(answer):
+            progress.note(line)
+
+
+def _gone(instance_id: Optional[Any], state: str) -> CliError:
+    """The wait's end when the box's instance no longer exists (or is on its way out)."""
+    what = f"the devbox's instance {printable(instance_id)}" if instance_id else "the instance /start launched"
+    how = "is gone (EC2 terminated it; " if state == NO_INSTANCE else f"is {printable(state)} ("
+    return CliError(
+        f"{what} {how}the spot service may have taken the capacity back at launch);"
+        " `devbox start` launches a new one with the same data volume",
+        EXIT_CONFLICT,
+    )
 
 
 class _Poller:
@@ -236,7 +312,10 @@ def wait_until_ready(
     open (the proxy relays over it) instead of being closed.
     """
     poller = _Poller(api, options, progress, clock)
+    began = clock()
     seen_starting = False
+    # The last instance the status named: a relaunch replaces it, and "none" is about it.
+    seen_instance: Optional[Any] = None
     reported: Set[str] = set()
 
     def once(step: str, text: str) -> None:
@@ -249,17 +328,30 @@ def wait_until_ready(
         status = poller.status()
         if status is not None:
             state = str(status.get("state"))
+            seen_instance = status.get("instance_id") or seen_instance
             if state in FINAL_STATES:
-                raise CliError(f"the devbox instance is {state}; it cannot run again", EXIT_CONFLICT)
-            if state in ("pending", "running"):
+                raise _gone(seen_instance, state)
+            if state == NO_INSTANCE:
+                if seen_instance or clock() - began >= NO_INSTANCE_GRACE:
+                    raise _gone(seen_instance, state)
+            elif state in ("pending", "running"):
                 seen_starting = True
             elif state == "stopped" and seen_starting:
+                if status.get("interrupted") is True:
+                    raise CliError(
+                        f"the spot service stopped the devbox's {instance_label(status)} while it was starting;"
+                        " `devbox start` launches a new instance with the same data volume",
+                        EXIT_CONFLICT,
+                    )
                 raise CliError("the devbox stopped again while starting (spot interruption?)", EXIT_CONFLICT)
-            if state != "running":
-                waiting_for = f"the instance to run (it is {state})"
-                progress.waiting(f"instance {state}")
+            if state == NO_INSTANCE:
+                waiting_for = "the new instance to appear in the status"
+                progress.waiting("instance launching")
+            elif state != "running":
+                waiting_for = f"the instance to run (it is {printable(state)})"
+                progress.waiting(f"{instance_label(status)} {printable(state)}")
             else:
-                once("running", f"instance running ({describe(status)})")
+                once("running", f"{instance_label(status)} running ({describe(status)})")
                 ready = _check_address(status, options, progress, poller, once, keep_connection, resolve, connect)
                 if isinstance(ready, Ready):
                     return ready
@@ -314,16 +406,20 @@ def wait_until_stopped(
     *,
     clock: Callable[[], float] = time.monotonic,
 ) -> Dict[str, Any]:
-    """Poll until the instance is stopped; returns its last status."""
+    """Poll until the instance is stopped (or the box has none); returns its last status."""
     poller = _Poller(api, options, progress, clock)
     while True:
         status = poller.status()
         if status is not None:
             state = str(status.get("state"))
             if state == "stopped":
-                progress.done("instance stopped")
+                progress.done(f"{instance_label(status)} stopped")
+                return status
+            if state == NO_INSTANCE:
+                progress.done("the box has no instance: nothing runs")
                 return status
             if state in FINAL_STATES:
-                raise CliError(f"the devbox instance is {state}, not stopped", EXIT_CONFLICT)
-            progress.waiting(f"instance {state}")
+                raise CliError(f"the devbox's {instance_label(status)} is {printable(state)}, not stopped",
+                               EXIT_CONFLICT)
+            progress.waiting(f"{instance_label(status)} {printable(state)}")
         poller.pause("the instance to stop")

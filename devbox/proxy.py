@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any, List, Optional
 
 from devbox.api import EXIT_UNREACHABLE, CliError
-from devbox.progress import SSH_CONNECT_TIMEOUT, Progress, WaitOptions, wait_until_ready
+from devbox.progress import SSH_CONNECT_TIMEOUT, Progress, WaitOptions, note_start, wait_until_ready
 
 # For tests only: connect here (e.g. 127.0.0.1) instead of the address in the status,
 # which under moto is a made-up IP.
@@ -23,11 +23,15 @@ BUFFER_SIZE = 65536
 def run_proxy(
     api: Any, options: WaitOptions, progress: Optional[Progress] = None, in_fd: int = 0, out_fd: int = 1
 ) -> int:
-    """Start the devbox (refreshing access for this IP), wait for SSH, then relay in_fd/out_fd over it."""
+    """Start the devbox (refreshing access for this IP), wait for SSH, then relay in_fd/out_fd over it.
+
+    A box with no instance, or one the spot service stopped, gets a new instance from /start
+    (which says so on stderr); the wait then follows that instance.
+    """
     progress = progress or Progress(quiet_until_waiting=True)
     with progress:
         # /start is idempotent and lets the caller's current IP in, even when already running.
-        api.start()
+        note_start(progress, api.start())
         # The proxy connects to the IP itself, so the DNS record is nobody's concern here.
         ready = wait_until_ready(api, replace(options, dns_check=False), progress, keep_connection=True)
     connection = ready.connection or open_connection(ready.host, options.ssh_port)

@@ -17,20 +17,32 @@ from devbox import api
 from devbox.api import ApiError, CliError, DevboxApi
 
 RUNNING: Dict[str, Any] = {
+    "box": "devbox",
     "instance_id": "i-0123456789abcdef0",
     "state": "running",
     "instance_type": "t3.large",
+    "market": "spot",
     "lifecycle": "spot",
+    "availability_zone": "us-east-1a",
+    "data_volume_id": "vol-0123456789abcdef0",
+    "interrupted": False,
     "public_ip": "203.0.113.10",
     "dns_name": "ec2-203-0-113-10.compute-1.amazonaws.com",
     "launch_time": "2024-05-01T10:00:00+00:00",
     "allowed_ips": ["198.51.100.7/32"],
+    "last_interruption": None,
 }
 
 
 def status_doc(**changes: Any) -> Dict[str, Any]:
     """A status document: a running spot box unless told otherwise."""
     return {**RUNNING, **changes}
+
+
+def no_instance_doc(**changes: Any) -> Dict[str, Any]:
+    """The status of a box without an instance: before its first start, or after its instance is gone."""
+    return status_doc(instance_id=None, state="none", instance_type=None, market=None, lifecycle=None,
+                      public_ip=None, dns_name=None, launch_time=None, **changes)
 
 
 Body = Union[Dict[str, Any], bytes]
@@ -175,6 +187,23 @@ def test_start_without_a_type_sends_an_empty_object(fake_api: FakeApi) -> None:
     assert json.loads(fake_api.requests[0].body) == {}
 
 
+def test_start_rebuild_sends_the_flag_alone_or_with_a_type(fake_api: FakeApi) -> None:
+    fake_api.answer("POST", "/start", (200, status_doc(state="pending", action="relaunch", reason="rebuild")))
+    devbox_api = client(fake_api.url)
+
+    assert devbox_api.start(rebuild=True)["action"] == "relaunch"
+    devbox_api.start("m6i.xlarge", rebuild=True)
+
+    assert [json.loads(r.body) for r in fake_api.requests] == [
+        {"rebuild": True}, {"instance_type": "m6i.xlarge", "rebuild": True}]
+
+
+def test_the_no_instance_status_is_a_status_document(fake_api: FakeApi) -> None:
+    fake_api.answer("GET", "/status", (200, no_instance_doc()))
+
+    assert client(fake_api.url).status()["state"] == "none"
+
+
 def test_stop_posts_to_stop(fake_api: FakeApi) -> None:
     fake_api.answer("POST", "/stop", (200, status_doc(state="stopping")))
 
@@ -224,14 +253,49 @@ def test_unknown_path_403_hints_at_the_url(fake_api: FakeApi) -> None:
     assert "check the URL" in caught.value.message
 
 
-def test_long_error_messages_are_cut_to_one_short_line(fake_api: FakeApi) -> None:
-    fake_api.answer("GET", "/status", (409, {"Message": "word\n" * 500}))
+def test_long_error_messages_are_cut_to_one_line(fake_api: FakeApi) -> None:
+    fake_api.answer("GET", "/status", (409, {"Message": "word\n" * 1000}))
+
+    with pytest.raises(ApiError) as caught:
+        client(fake_api.url).status()
+
+    assert len(caught.value.message) < 1600
+    assert caught.value.message.endswith("...")
+    assert "\n" not in caught.value.message
+
+
+def test_a_body_that_is_not_the_apps_error_is_cut_shorter(fake_api: FakeApi) -> None:
+    fake_api.answer("GET", "/status", (502, b"<html>" + b"x" * 2000 + b"</html>"))
 
     with pytest.raises(ApiError) as caught:
         client(fake_api.url).status()
 
     assert len(caught.value.message) < 400
-    assert caught.value.message.endswith("...")
+
+
+def test_a_capacity_refusal_keeps_every_launch_it_tried(fake_api: FakeApi) -> None:
+    tried = "; ".join(f"{kind} spot in subnet-0123456789abcdef{n}: InsufficientInstanceCapacity"
+                      for kind in ("t3.large", "m6i.large", "m7i.large") for n in range(3))
+    message = (f"AWS has no capacity for the box right now; tried {tried}."
+               " Nothing was changed: try again in a few minutes")
+    fake_api.answer("POST", "/start", (503, {"Code": "InsufficientCapacity", "Message": message}))
+
+    with pytest.raises(ApiError) as caught:
+        client(fake_api.url).start()
+
+    assert caught.value.exit_code == api.EXIT_UNAVAILABLE
+    assert caught.value.message == f"unavailable, try again later (HTTP 503): {message}"
+
+
+def test_control_characters_in_error_messages_are_shown_escaped(fake_api: FakeApi) -> None:
+    fake_api.answer("GET", "/status", (409, {"Code": "Conflict\x1b[2J", "Message": "stop\x1b]0;pwned\x07 it\u202e"}))
+
+    with pytest.raises(ApiError) as caught:
+        client(fake_api.url).status()
+
+    assert caught.value.message == "conflict (HTTP 409): stop\\x1b]0;pwned\\x07 it\\u202e"
+    assert caught.value.code == "Conflict\\x1b[2J"
+    assert caught.value.message.isprintable()
 
 
 def test_an_answer_without_a_status_document_is_an_error(fake_api: FakeApi) -> None:

@@ -49,3 +49,33 @@ def test_stopped_handler_makes_at_most_five_calls(api, devbox, aws_calls):
         "DescribeInstances", "DescribeSecurityGroupRules", "RevokeSecurityGroupIngress",
         "ListResourceRecordSets", "ChangeResourceRecordSets",
     ]
+
+
+def test_first_start_makes_eight_calls(empty_box, make_client, aws_calls, caller_ip):
+    caller_ip("203.0.113.7")
+    make_client(empty_box.env()).http.post("/start")
+    assert aws_calls.calls == [
+        "DescribeInstances", "DescribeSecurityGroupRules", "AuthorizeSecurityGroupIngress",
+        "DescribeVolumes", "DescribeSubnets", "RunInstances", "CreateVolume", "CreateTags",
+    ]
+
+
+def test_relaunch_after_an_interruption_launches_before_it_retires(devbox, make_client, aws_calls):
+    devbox.interrupt()
+    make_client(devbox.env()).http.post("/start")
+    # On AWS a CancelSpotInstanceRequests comes before the terminate (moto's instances name no request).
+    assert aws_calls.calls == [
+        "DescribeInstances", "DescribeSecurityGroupRules", "AuthorizeSecurityGroupIngress",
+        "RunInstances", "CreateTags", "DetachVolume", "TerminateInstances",
+    ]
+
+
+def test_running_handler_after_a_relaunch_moves_the_volume_in_two_more_calls(stopped_devbox, make_client, aws_calls):
+    api = make_client(stopped_devbox.env())
+    api.http.post("/start", body='{"rebuild": true}', headers={"Content-Type": "application/json"})
+    aws_calls.reset()
+    api.lambda_.invoke("on_running", state_event(api, stopped_devbox.instance_id, "running"))
+    assert aws_calls.calls == [
+        "DescribeInstances", "ChangeResourceRecordSets", "DescribeVolumes", "AttachVolume",
+        "DescribeSpotPriceHistory", "CreateTags",
+    ]

@@ -58,10 +58,13 @@ def test_status_prints_a_short_table(fake_api: FakeApi, run: Run) -> None:
 
     assert (code, err) == (0, "")
     assert out.splitlines() == [
+        "box:          devbox",
         "state:        running",
         "instance:     i-0123456789abcdef0",
         "type:         t3.large",
-        "lifecycle:    spot",
+        "market:       spot",
+        "zone:         us-east-1a",
+        "data volume:  vol-0123456789abcdef0",
         "address:      devbox.example.com (203.0.113.10)",
         "allowed IPs:  198.51.100.7/32, 2001:db8::/64",
         "launched:     2024-05-01 10:00:00 UTC",
@@ -202,6 +205,7 @@ def test_start_sends_the_requested_instance_type(fake_api: FakeApi, run: Run) ->
     assert code == 0
     assert json.loads(fake_api.requests[0].body) == {"instance_type": "c7i.2xlarge"}
     assert "state:        pending" in out.splitlines()
+    assert "type:         c7i.2xlarge" in out.splitlines()
 
 
 def test_start_wait_names_each_step_until_ssh_answers(fake_api: FakeApi, run: Run, listener: int) -> None:
@@ -214,11 +218,11 @@ def test_start_wait_names_each_step_until_ssh_answers(fake_api: FakeApi, run: Ru
 
     assert code == 0, err
     assert err.splitlines() == [
-        "devbox: waiting: instance pending",
-        "devbox: instance running (t3.large, spot, 127.0.0.1)",
+        "devbox: waiting: instance i-0123456789abcdef0 pending",
+        "devbox: instance i-0123456789abcdef0 running (t3.large spot in us-east-1a, 127.0.0.1)",
         f"devbox: SSH port reachable (127.0.0.1:{listener})",
     ]
-    assert out.splitlines()[0] == "state:        running"
+    assert "state:        running" in out.splitlines()
     assert fake_api.calls() == ["POST /start", "GET /status", "GET /status", "GET /status"]
 
 
@@ -253,8 +257,9 @@ def test_stop_wait_polls_until_stopped(fake_api: FakeApi, run: Run) -> None:
     code, out, err = run("stop", "--wait", "--poll-interval", "0", "--url", fake_api.url)
 
     assert code == 0
-    assert err.splitlines() == ["devbox: waiting: instance stopping", "devbox: instance stopped"]
-    assert out.splitlines()[0] == "state:        stopped"
+    assert err.splitlines() == ["devbox: waiting: instance i-0123456789abcdef0 stopping",
+                                "devbox: instance i-0123456789abcdef0 stopped"]
+    assert "state:        stopped" in out.splitlines()
 
 
 def test_stop_without_wait_returns_at_once(fake_api: FakeApi, run: Run) -> None:
@@ -283,7 +288,7 @@ def test_ctrl_c_stops_waiting_with_one_line_and_exit_130(fake_api: FakeApi) -> N
     finally:
         process.kill()
 
-    assert first == "devbox: waiting: instance pending\n"
+    assert first == "devbox: waiting: instance i-0123456789abcdef0 pending\n"
     assert process.returncode == 130
     assert out == ""
     assert rest == "devbox: interrupted; the devbox keeps whatever state it has reached\n"
@@ -650,8 +655,8 @@ def test_terminal_progress_redraws_one_line_and_clears_it() -> None:
 
     output = stream.getvalue()
     assert output.count("\r\x1b[Kdevbox: ") >= 5  # redrawn while the spinner turns
-    assert "instance stopping (0s)" in output
-    assert output.endswith("devbox: instance stopped\n")
+    assert "instance i-0123456789abcdef0 stopping (0s)" in output
+    assert output.endswith("devbox: instance i-0123456789abcdef0 stopped\n")
 
 
 def test_proxy_progress_says_nothing_when_nothing_was_waited_for() -> None:

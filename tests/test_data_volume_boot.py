@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -654,9 +655,15 @@ def test_scripts_are_executable_posix_shell() -> None:
         assert script.read_text().startswith("#!/bin/sh\n")
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def shellcheck() -> "str | None":
+    """shellcheck from the virtualenv (requirements-dev.txt pins it), else from PATH."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    return str(beside) if beside.exists() else shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(shellcheck() is None, reason="shellcheck is not installed")
 def test_scripts_pass_shellcheck() -> None:
     fakes = [p for p in FAKES.iterdir() if p.name != "README"]
-    result = subprocess.run(["shellcheck", "-s", "sh", str(SCRIPT), str(HOOK), *map(str, fakes)],
+    result = subprocess.run([str(shellcheck()), "-s", "sh", str(SCRIPT), str(HOOK), *map(str, fakes)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout

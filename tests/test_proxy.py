@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List, Optional
 import pytest
 
 from devbox import api
-from tests.test_api import FakeApi, fake_api, free_port, status_doc  # noqa: F401 (fake_api is a fixture)
+from tests.test_api import FakeApi, fake_api, free_port, no_instance_doc, status_doc  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = b"SSH-2.0-FakeServer_1.0\r\n"
@@ -92,14 +92,14 @@ def test_stdin_reaches_the_server_and_its_answer_comes_back_on_stdout(fake_api: 
     assert sshd.received == [PAYLOAD]
     assert fake_api.calls() == ["POST /start", "GET /status", "GET /status"]
     progress = result.stderr.decode()
-    assert "devbox: waiting: instance pending" in progress
+    assert "devbox: waiting: instance i-0123456789abcdef0 pending" in progress
     assert f"SSH port reachable (127.0.0.1:{sshd.port})" in progress
 
 
 def test_a_running_box_is_proxied_silently_with_the_override_from_the_environment(
     fake_api: FakeApi, sshd: SshLikeServer
 ) -> None:
-    fake_api.answer("POST", "/start", (200, status_doc()))
+    fake_api.answer("POST", "/start", (200, {**status_doc(), "action": "none", "reason": "already running"}))
     fake_api.answer("GET", "/status", (200, status_doc()))
 
     result = run_proxy(fake_api.url, sshd.port, data=b"hello\n", env=child_env(DEVBOX_SSH_HOST_OVERRIDE="127.0.0.1"))
@@ -107,6 +107,55 @@ def test_a_running_box_is_proxied_silently_with_the_override_from_the_environmen
     assert result.returncode == 0, result.stderr
     assert result.stdout == BANNER + b"hello\n"
     assert result.stderr == b""
+
+
+@pytest.mark.parametrize(
+    "action, reason, said",
+    [
+        ("launch", "first start",
+         "devbox: first start: launched i-0fedcba9876543210 (t3.large spot in us-east-1a) with data volume"
+         " vol-0123456789abcdef0 for /home"),
+        ("relaunch", "interrupted by the spot service",
+         "devbox: launched a new instance i-0fedcba9876543210 (t3.large spot in us-east-1a) because: interrupted"
+         " by the spot service; data volume vol-0123456789abcdef0 follows it"),
+    ],
+)
+def test_a_box_that_needs_a_new_instance_gets_one_and_is_proxied(
+    fake_api: FakeApi, sshd: SshLikeServer, action: str, reason: str, said: str
+) -> None:
+    new = "i-0fedcba9876543210"
+    pending = status_doc(instance_id=new, state="pending", public_ip=None, dns_name=None)
+    fake_api.answer("POST", "/start", (200, {**pending, "action": action, "reason": reason,
+                                             "tried": ["t3.large spot in subnet-0aaa: InsufficientInstanceCapacity"]}))
+    fake_api.answer("GET", "/status", (200, pending), (200, status_doc(instance_id=new)))
+
+    result = run_proxy(fake_api.url, sshd.port, "--host-override", "127.0.0.1", data=b"hello\n")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == BANNER + b"hello\n"
+    assert result.stderr.decode().splitlines() == [
+        said,
+        "devbox:   refused first: t3.large spot in subnet-0aaa: InsufficientInstanceCapacity",
+        f"devbox: waiting: instance {new} pending",
+        f"devbox: instance {new} running (t3.large spot in us-east-1a, 203.0.113.10)",
+        f"devbox: SSH port reachable (127.0.0.1:{sshd.port})",
+    ]
+
+
+def test_a_new_instance_that_vanishes_ends_the_proxy_with_one_line(fake_api: FakeApi) -> None:
+    new = "i-0fedcba9876543210"
+    pending = status_doc(instance_id=new, state="pending", public_ip=None, dns_name=None)
+    fake_api.answer("POST", "/start", (200, {**pending, "action": "relaunch", "reason": "rebuild", "tried": []}))
+    fake_api.answer("GET", "/status", (200, pending), (200, no_instance_doc()))
+
+    result = run_proxy(fake_api.url, 22, "--host-override", "127.0.0.1")
+
+    assert result.returncode == api.EXIT_CONFLICT
+    assert result.stdout == b""
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"devbox: the devbox's instance {new} is gone (EC2 terminated it; the spot service may have taken the"
+        " capacity back at launch); `devbox start` launches a new one with the same data volume"
+    )
 
 
 def test_without_ssh_probe_the_proxy_connects_once_the_box_runs(fake_api: FakeApi, sshd: SshLikeServer) -> None:
