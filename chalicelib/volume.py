@@ -6,7 +6,7 @@ stopped instance in the same zone, never at launch). The app never deletes it.
 """
 import hashlib
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -35,7 +35,14 @@ def find_data_volume(ec2: EC2Client, box_name: str) -> Optional[Dict[str, Any]]:
     except (ClientError, BotoCoreError) as err:
         raise aws_failure(err, "find the box's data volume") from err
     # More than one only if someone copied the tags by hand: the oldest holds the user's work.
-    return dict(min(volumes, key=lambda v: (str(v.get("CreateTime")), v["VolumeId"]))) if volumes else None
+    if not volumes:
+        return None
+    oldest: Dict[str, Any] = dict(min(volumes, key=_age))
+    return oldest
+
+
+def _age(found: Any) -> Tuple[str, str]:
+    return str(found.get("CreateTime")), str(found["VolumeId"])
 
 
 def describe_volume(ec2: EC2Client, volume_id: str) -> Optional[Dict[str, Any]]:
