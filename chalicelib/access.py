@@ -3,8 +3,12 @@
 Every rule the app adds carries a description of the form
 ``devbox-access for=<ip> at=<UTC time>``; that is how the app tells its own rules
 (and whose they were, and since when) from rules a person added, which it never touches.
+The format is matched exactly: a single-address rule whose description names that same
+address and a time not in the future. Anything else (another text after the prefix, a
+garbled or future stamp, a wider range) is a person's rule.
 """
 import ipaddress
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -22,6 +26,11 @@ DESCRIPTION_PREFIX = "devbox-access"
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _PROTOCOL_NAMES = {"6": "tcp", "1": "icmp", "58": "icmpv6"}
 _ICMP_ECHO = {"icmp": 8, "icmpv6": 128}
+_APP_DESCRIPTION = re.compile(
+    r"\Adevbox-access for=(?P<ip>[0-9a-fA-F.:]{2,45}) at=(?P<at>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z)\Z")
+# A stamp this far ahead of the app's clock was not written by the app.
+_CLOCK_SKEW = timedelta(minutes=5)
+_ECHO_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -36,20 +45,25 @@ class IngressRule:
     description: str
 
     @property
-    def added_by_app(self) -> bool:
-        """True for rules this app created."""
-        return self.description.startswith(DESCRIPTION_PREFIX + " ")
-
-    @property
     def added_at(self) -> Optional[datetime]:
-        """When the app added the rule (None for a person's rule or a garbled description)."""
-        for part in self.description.split()[1:]:
-            if part.startswith("at="):
-                try:
-                    return datetime.strptime(part[3:], _TIME_FORMAT).replace(tzinfo=timezone.utc)
-                except ValueError:
-                    return None
-        return None
+        """When the app added the rule; None unless the rule is exactly in the app's format."""
+        match = _APP_DESCRIPTION.match(self.description)
+        if match is None:
+            return None
+        try:
+            named = ipaddress.ip_network(match.group("ip"))
+            stamp = datetime.strptime(match.group("at"), _TIME_FORMAT).replace(tzinfo=timezone.utc)
+            network = ipaddress.ip_network(self.cidr)
+        except ValueError:
+            return None
+        if network.num_addresses != 1 or named != network:
+            return None
+        return stamp
+
+    def added_by_app(self, now: Optional[datetime] = None) -> bool:
+        """True only for a rule this app created: exact format, one address, a stamp not in the future."""
+        stamp = self.added_at
+        return stamp is not None and stamp <= (now or datetime.now(timezone.utc)) + _CLOCK_SKEW
 
 
 def caller_network(source_ip: Optional[str]) -> "ipaddress.IPv4Network | ipaddress.IPv6Network":
@@ -59,7 +73,11 @@ def caller_network(source_ip: Optional[str]) -> "ipaddress.IPv4Network | ipaddre
     try:
         address = ipaddress.ip_address(source_ip.strip())
     except ValueError:
-        raise InvalidRequestError(f"the request's source IP {source_ip!r} is not an IP address") from None
+        raise InvalidRequestError(
+            f"the request's source IP {source_ip[:_ECHO_LIMIT]!r} is not an IP address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        # A zone id (fe80::1%eth0) names an interface on some host, not a network a rule can hold.
+        raise InvalidRequestError(f"the source IP {source_ip[:_ECHO_LIMIT]!r} carries a zone id and cannot be let in")
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         address = address.ipv4_mapped
     if address.is_unspecified or address.is_multicast:
@@ -83,14 +101,15 @@ def describe_rules(ec2: EC2Client, group_id: str) -> List[IngressRule]:
         raise aws_failure(err, "describe the security group's rules") from err
 
 
-def app_rules(rules: Iterable[IngressRule]) -> List[IngressRule]:
-    """The rules this app added."""
-    return [rule for rule in rules if rule.added_by_app]
+def app_rules(rules: Iterable[IngressRule], now: Optional[datetime] = None) -> List[IngressRule]:
+    """The rules this app added (by the exact format; see the module docstring)."""
+    now = now or datetime.now(timezone.utc)
+    return [rule for rule in rules if rule.added_by_app(now)]
 
 
-def allowed_cidrs(rules: Iterable[IngressRule]) -> List[str]:
-    """The distinct CIDRs the app has let in, sorted."""
-    return sorted({rule.cidr for rule in app_rules(rules)})
+def allowed_cidrs(rules: Iterable[IngressRule], now: Optional[datetime] = None) -> List[str]:
+    """The distinct single addresses the app has let in, sorted."""
+    return sorted({rule.cidr for rule in app_rules(rules, now)})
 
 
 def session_permissions(network: Any, port: int, now: datetime) -> List[Dict[str, Any]]:
@@ -185,7 +204,7 @@ def plan_access(
         # Evict whole callers (their SSH and ping rules together), oldest first: half a
         # pair would leave an address listed as allowed that cannot reach SSH.
         by_caller: Dict[str, List[IngressRule]] = {}
-        for r in app_rules(in_family):
+        for r in app_rules(in_family, now):
             if r.cidr != caller:
                 by_caller.setdefault(r.cidr, []).append(r)
         oldest_first = sorted(by_caller.values(), key=lambda group: min(_age_key(r) for r in group))
@@ -200,14 +219,14 @@ def plan_access(
                 f"to add {len(add)} more within the quota of {quota}; remove some manual rules"
             )
     # Pruning and eviction spare the caller's rules, so these are all still in place.
-    mine = [r for r in app_rules(rules) if r.cidr == caller]
+    mine = [r for r in app_rules(rules, now) if r.cidr == caller]
     refresh = mine if restamp_caller else [r for r in mine if _older(r, now - ttl / 4)]
     return AccessPlan(revoke=stale, add=add, refresh=refresh)
 
 
 def added_by_app_before(rules: Sequence[IngressRule], cutoff: datetime) -> List[IngressRule]:
     """The app's rules stamped no later than the cutoff (same second counts: event times are whole seconds)."""
-    return [r for r in app_rules(rules) if r.added_at is None or r.added_at <= cutoff]
+    return [r for r in app_rules(rules, cutoff) if r.added_at is not None and r.added_at <= cutoff]
 
 
 def refresh_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule], network: Any, now: datetime) -> None:
@@ -229,7 +248,7 @@ def refresh_rules(ec2: EC2Client, group_id: str, rules: Sequence[IngressRule], n
 
 def expired_rules(rules: Sequence[IngressRule], now: datetime, ttl: timedelta) -> List[IngressRule]:
     """The app's rules older than the access TTL."""
-    return [r for r in app_rules(rules) if _older(r, now - ttl)]
+    return [r for r in app_rules(rules, now) if _older(r, now - ttl)]
 
 
 def revoke_permissions(ec2: EC2Client, group_id: str, permissions: Sequence[Dict[str, Any]]) -> None:
@@ -280,8 +299,7 @@ def _description(network: Any, now: datetime) -> str:
 
 
 def _older(rule: IngressRule, cutoff: datetime) -> bool:
-    # A garbled time counts as old: such a rule would otherwise never be pruned.
-    return rule.added_at is None or rule.added_at < cutoff
+    return rule.added_at is not None and rule.added_at < cutoff
 
 
 def _age_key(rule: IngressRule) -> datetime:

@@ -1,10 +1,17 @@
-"""Configuration: one frozen object built from the environment at request time."""
+"""Configuration: one frozen object built from the environment at request time.
+
+A bad setting's answer names the variable and what it should look like, never its value (an ARN
+would show the account id to any caller); the value goes to the logs.
+"""
+import logging
 import os
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple
 
 from chalicelib.errors import ConfigError
+
+log = logging.getLogger("devbox")
 
 _BOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TEMPLATE_ID = re.compile(r"^lt-[0-9a-f]{8,17}$")
@@ -82,7 +89,7 @@ def _required(env: Mapping[str, str], name: str, pattern: "re.Pattern[str]", wha
     if not value:
         raise ConfigError(f"{name} is not set: it must be {what}")
     if not pattern.match(value):
-        raise ConfigError(f"{name} is malformed ({value!r}): it must be {what}")
+        raise _malformed(name, value, f"it must be {what}")
     return value
 
 
@@ -91,7 +98,7 @@ def _optional(env: Mapping[str, str], name: str, pattern: "re.Pattern[str]", wha
     if not value:
         return None
     if not pattern.match(value):
-        raise ConfigError(f"{name} is malformed ({value!r}): it must be {what}")
+        raise _malformed(name, value, f"it must be {what}")
     return value
 
 
@@ -102,9 +109,9 @@ def _integer(env: Mapping[str, str], name: str, default: int, low: int, high: in
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} is malformed ({raw!r}): it must be a whole number") from None
+        raise _malformed(name, raw, "it must be a whole number") from None
     if not low <= value <= high:
-        raise ConfigError(f"{name} is out of range ({value}): it must be between {low} and {high}")
+        raise _malformed(name, raw, f"it must be between {low} and {high}")
     return value
 
 
@@ -115,9 +122,9 @@ def _hours(env: Mapping[str, str], name: str, default: Optional[float]) -> Optio
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name} is malformed ({raw!r}): it must be a number of hours") from None
+        raise _malformed(name, raw, "it must be a number of hours") from None
     if not 0 < value <= 24 * 365:
-        raise ConfigError(f"{name} is out of range ({raw}): it must be more than 0 and at most 8760 hours")
+        raise _malformed(name, raw, "it must be more than 0 and at most 8760 hours")
     return value
 
 
@@ -126,7 +133,7 @@ def _instance_types(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
     types = tuple(t.strip() for t in raw.split(",") if t.strip())
     for value in types:
         if not _INSTANCE_TYPE.match(value):
-            raise ConfigError(f"{name} holds a malformed instance type ({value!r}): e.g. t3.large,m6i.xlarge")
+            raise _malformed(name, raw, "it must be instance types such as t3.large,m6i.xlarge")
     return types
 
 
@@ -135,7 +142,7 @@ def _subnets(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
     subnets = tuple(s.strip() for s in raw.split(",") if s.strip())
     for value in subnets:
         if not _SUBNET_ID.match(value):
-            raise ConfigError(f"{name} holds a malformed subnet id ({value!r}): e.g. subnet-0123456789abcdef0,subnet-...")
+            raise _malformed(name, raw, "it must be subnet ids such as subnet-0123456789abcdef0,subnet-...")
     return subnets
 
 
@@ -147,4 +154,10 @@ def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if raw in ("false", "no", "0", "off"):
         return False
-    raise ConfigError(f"{name} is malformed ({raw!r}): it must be true or false")
+    raise _malformed(name, raw, "it must be true or false")
+
+
+def _malformed(name: str, value: str, rule: str) -> ConfigError:
+    # The value is logged (capped), not answered.
+    log.error("configuration: %s is malformed: %r", name, value[:200])
+    return ConfigError(f"{name} is malformed: {rule} (its value is in the logs)")

@@ -18,6 +18,9 @@ def parse_body(raw: Union[str, bytes, None], allowed_fields: Collection[str]) ->
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequestError("the request body is not valid JSON") from None
+    except RecursionError:
+        # Thousands of nested brackets fit in 4 KiB and exhaust the parser's recursion.
+        raise InvalidRequestError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - set(allowed_fields))

@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from chalicelib import access
+from chalicelib.errors import InvalidRequestError
 from tests.conftest import add_app_rule, scheduled_event
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -27,7 +28,7 @@ def test_rule_description_records_who_and_when():
     description = permissions[0]["IpRanges"][0]["Description"]
     assert description == "devbox-access for=203.0.113.7 at=2026-11-28T12:00:00Z"
     parsed = rule("r", "203.0.113.7/32", at=NOW)
-    assert parsed.added_by_app and parsed.added_at == NOW
+    assert parsed.added_by_app(NOW) and parsed.added_at == NOW
 
 
 def test_expired_rules_of_other_callers_are_pruned():
@@ -93,9 +94,8 @@ def test_start_refreshes_an_active_callers_old_rule(devbox, api, caller_ip):
     add_app_rule(devbox, "203.0.113.7", datetime.now(timezone.utc) - timedelta(hours=5))
     caller_ip("203.0.113.7")
     api.http.post("/start")
-    stamps = {r["Description"] for r in devbox.rules()}
-    assert all(access.IngressRule("", "tcp", 0, 0, "", d).added_at > datetime.now(timezone.utc) - timedelta(minutes=1)
-               for d in stamps)
+    stamps = [access.IngressRule("", "tcp", 0, 0, r["CidrIpv4"], r["Description"]).added_at for r in devbox.rules()]
+    assert all(s is not None and s > datetime.now(timezone.utc) - timedelta(minutes=1) for s in stamps)
 
 
 def test_full_group_never_reaches_quota(devbox, make_client, caller_ip):
@@ -134,3 +134,40 @@ def test_eviction_takes_whole_callers_never_half_a_pair():
     # 1 manual + 4 app + 2 new = 7 > 6: one rule too many, so one whole caller (the oldest) goes.
     result = plan([manual] + pairs, quota=6)
     assert sorted(r.rule_id for r in result.revoke) == ["i2", "t2"]
+
+
+@pytest.mark.parametrize("cidr,description", [
+    ("198.51.100.9/32", "devbox-access office VPN (do not remove)"),
+    ("198.51.100.9/32", "devbox-access for=198.51.100.9 at=yesterday"),
+    ("198.51.100.9/32", "devbox-access for=198.51.100.9 at=2026-11-28T12:00:00Z (kept)"),
+    ("198.51.100.9/32", "devbox-access for=203.0.113.1 at=2026-11-28T00:00:00Z"),
+    ("198.51.100.0/24", "devbox-access for=198.51.100.0 at=2026-11-28T00:00:00Z"),
+    ("0.0.0.0/0", "devbox-access for=0.0.0.0 at=2099-01-01T00:00:00Z"),
+    ("198.51.100.9/32", "devbox-access for=198.51.100.9 at=2099-01-01T00:00:00Z"),
+])
+def test_rules_not_exactly_in_the_apps_format_are_a_persons_and_never_touched(cidr, description):
+    person = access.IngressRule("p", "tcp", 22, 22, cidr, description)
+    assert not person.added_by_app(NOW)
+    expired = access.expired_rules([person], NOW + timedelta(days=400), timedelta(hours=12))
+    assert expired == [] and access.allowed_cidrs([person], NOW) == []
+    assert access.added_by_app_before([person], NOW + timedelta(days=400)) == []
+    assert plan([person]).revoke == []
+
+
+def test_a_persons_rule_stamped_like_the_apps_is_never_evicted_for_quota():
+    forged = access.IngressRule("f", "tcp", 22, 22, "0.0.0.0/0", "devbox-access for=0.0.0.0 at=2026-11-01T00:00:00Z")
+    others = [rule(f"o{n}", f"198.51.100.{n}/32", at=NOW - timedelta(hours=1)) for n in range(1, 4)]
+    result = plan([forged] + others, quota=4)
+    assert forged not in result.revoke and result.revoke
+
+
+@pytest.mark.parametrize("source", ["fe80::1%eth0", "fe80::1%x ..."])
+def test_source_ip_with_a_zone_id_is_refused(source):
+    with pytest.raises(InvalidRequestError, match="zone id|not an IP"):
+        access.caller_network(source)
+
+
+def test_a_long_bad_source_ip_is_echoed_only_in_part():
+    with pytest.raises(InvalidRequestError) as caught:
+        access.caller_network("x" * 5000)
+    assert len(caught.value.message) < 200
