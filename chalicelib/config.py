@@ -16,6 +16,8 @@ log = logging.getLogger("devbox")
 _BOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TEMPLATE_ID = re.compile(r"^lt-[0-9a-f]{8,17}$")
 _SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+# A key ARN, not an alias: the IAM policy names the key, and grants follow the key.
+_KMS_KEY = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[0-9a-f-]{36}$")
 _GROUP_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
 _ZONE_ID = re.compile(r"^(/hostedzone/)?[A-Z0-9]{1,32}$")
 # A DNS name of labels 1-63 long, 253 characters at most, no trailing dot needed.
@@ -34,6 +36,7 @@ class Config:
     subnet_ids: Tuple[str, ...] = ()
     data_volume_gib: int = 50
     on_demand_fallback: bool = False
+    kms_key_id: Optional[str] = None
     hosted_zone_id: Optional[str] = None
     domain_name: Optional[str] = None
     dns_ttl: int = 60
@@ -71,6 +74,7 @@ class Config:
             subnet_ids=_subnets(env, "SUBNET_IDS"),
             data_volume_gib=_integer(env, "DATA_VOLUME_GIB", 50, 1, 16384),
             on_demand_fallback=_boolean(env, "ON_DEMAND_FALLBACK", False),
+            kms_key_id=_optional(env, "KMS_KEY_ID", _KMS_KEY, "a KMS key ARN such as arn:aws:kms:eu-west-1:123456789012:key/..."),
             hosted_zone_id=zone.rsplit("/", 1)[-1] if zone else None,
             domain_name=domain.rstrip(".").lower() if domain else None,
             dns_ttl=_integer(env, "DNS_TTL", 60, 0, 2147483647),
@@ -79,7 +83,7 @@ class Config:
             # AWS counts at most 60 inbound rules per group and address family by default.
             rule_quota=_integer(env, "RULE_QUOTA", 60, 2, 1000),
             max_runtime_hours=_hours(env, "MAX_RUNTIME_HOURS", None),
-            notify_topic_arn=_optional(env, "NOTIFY_TOPIC_ARN", _TOPIC, "an SNS topic ARN"),
+            notify_topic_arn=_topic(env, "NOTIFY_TOPIC_ARN"),
             allowed_instance_types=_instance_types(env, "ALLOWED_INSTANCE_TYPES"),
         )
 
@@ -161,3 +165,20 @@ def _malformed(name: str, value: str, rule: str) -> ConfigError:
     # The value is logged (capped), not answered.
     log.error("configuration: %s is malformed: %r", name, value[:200])
     return ConfigError(f"{name} is malformed: {rule} (its value is in the logs)")
+
+
+def _topic(env: Mapping[str, str], name: str) -> Optional[str]:
+    arn = _optional(env, name, _TOPIC, "an SNS topic ARN")
+    if arn is None:
+        return None
+    if arn.endswith(".fifo"):
+        # Publish to a FIFO topic needs a MessageGroupId, which these notifications do not have.
+        raise ConfigError(f"{name} names a FIFO topic: SNS refuses a publish to it without a message group id; "
+                          "use a standard topic")
+    topic_region = arn.split(":")[3]
+    region = (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip()
+    if region and topic_region != region:
+        # The SNS client is the function's region's: a topic of another region is not found there.
+        raise ConfigError(f"{name} names a topic in {topic_region}, but the function runs in {region}; "
+                          f"use a topic in {region}")
+    return arn

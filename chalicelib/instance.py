@@ -109,6 +109,8 @@ def status_document(
         "launch_time": launch_time if state in ("pending", "running") else None,
         "allowed_ips": allowed_ips,
         "last_interruption": tag_value(instance, INTERRUPTION_TAG) if instance else None,
+        # Why EC2 last stopped it (e.g. a KMS key it may not use makes a start fall back to stopped).
+        "state_reason": instance.get("StateReason", {}).get("Message") if state == "stopped" else None,
     }
 
 

@@ -174,7 +174,8 @@ def _launch(ec2: Any, config: Config, box_name: str, view: box.BoxView,
     if data is None:
         new = launched.instance
         zone = new.get("Placement", {}).get("AvailabilityZone")
-        created = volume.create_data_volume(ec2, box_name, str(zone), config.data_volume_gib, new["InstanceId"])
+        created = volume.create_data_volume(ec2, box_name, str(zone), config.data_volume_gib, new["InstanceId"],
+                                            config.kms_key_id)
         instance.set_tags(ec2, new["InstanceId"], {instance.VOLUME_TAG: created["VolumeId"]})
         launched = box.Launched({**new, "Tags": new.get("Tags", []) + [
             {"Key": instance.VOLUME_TAG, "Value": created["VolumeId"]}]}, launched.attempt, launched.tried)
@@ -191,7 +192,8 @@ def _ensure_data_volume(ec2: Any, config: Config, box_name: str, current: Dict[s
     found = volume.find_data_volume(ec2, box_name)
     if found is None:
         zone = str(current.get("Placement", {}).get("AvailabilityZone"))
-        found = volume.create_data_volume(ec2, box_name, zone, config.data_volume_gib, current["InstanceId"])
+        found = volume.create_data_volume(ec2, box_name, zone, config.data_volume_gib, current["InstanceId"],
+                                          config.kms_key_id)
     instance.set_tags(ec2, current["InstanceId"], {instance.VOLUME_TAG: found["VolumeId"]})
     return str(found["VolumeId"])
 

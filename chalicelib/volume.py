@@ -58,13 +58,15 @@ def describe_volume(ec2: EC2Client, volume_id: str) -> Optional[Dict[str, Any]]:
     return dict(volumes[0]) if volumes else None
 
 
-def create_data_volume(ec2: EC2Client, box_name: str, zone: str, size_gib: int, for_instance: str) -> Dict[str, Any]:
+def create_data_volume(ec2: EC2Client, box_name: str, zone: str, size_gib: int, for_instance: str,
+                       kms_key_id: Optional[str] = None) -> Dict[str, Any]:
     """Create the data volume (gp3, encrypted) in the zone; idempotent per instance it is created for."""
     # Concurrent first starts that launched the same instance create the same volume.
     token = "devbox-data-" + hashlib.sha256(f"{box_name}\x1f{for_instance}".encode()).hexdigest()[:40]
+    key = {"KmsKeyId": kms_key_id} if kms_key_id else {}
     try:
         return dict(ec2.create_volume(
-            AvailabilityZone=zone, Size=size_gib, VolumeType="gp3", Encrypted=True, ClientToken=token,
+            AvailabilityZone=zone, Size=size_gib, VolumeType="gp3", Encrypted=True, ClientToken=token, **key,
             TagSpecifications=[{"ResourceType": "volume", "Tags": [
                 {"Key": BOX_TAG, "Value": box_name}, {"Key": ROLE_TAG, "Value": DATA_ROLE},
                 {"Key": "Name", "Value": f"{box_name} /home"},

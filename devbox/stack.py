@@ -25,7 +25,7 @@ else:
     CloudFormationClient = Any
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "infra" / "devbox.yaml"
-OUTPUT_KEYS = ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "HostedZoneId", "DomainName")
+OUTPUT_KEYS = ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "KmsKeyId", "HostedZoneId", "DomainName")
 REQUIRED_OUTPUTS = ("BoxName", "LaunchTemplateId", "SecurityGroupId")
 DEFAULT_IMAGE_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 BOX_TAG = "devbox:box"
@@ -62,6 +62,11 @@ POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
     # Only the devbox's own A record, even in a zone the user brings with other records in it.
     "hosted_zone": ("route53:ChangeResourceRecordSets",),
     "topic": ("sns:Publish",),
+    # What EC2 needs from the caller to use a customer managed key for the box's volumes (the code
+    # calls no KMS API: RunInstances, CreateVolume, StartInstances and AttachVolume use the key).
+    "kms_grant": ("kms:CreateGrant",),
+    "kms_use": ("kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
+                "kms:ReEncryptFrom", "kms:ReEncryptTo"),
     "logs": ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"),
 }
 
@@ -101,8 +106,14 @@ def build_policy(
     notify_topic_arn: Optional[str] = None,
     domain_name: Optional[str] = None,
     allowed_instance_types: Sequence[str] = (),
+    kms_key_id: Optional[str] = None,
+    function_name: str = "devbox-dev",
 ) -> Dict[str, Any]:
-    """The Lambda's IAM policy document, scoped to one box, launch template, group and (optional) zone."""
+    """The Lambda's IAM policy document, scoped to one box, launch template, group and (optional) zone.
+
+    ``function_name`` is the app's Lambda name (Chalice: ``<app>-<stage>``; its event handlers
+    are ``<app>-<stage>-<handler>``): the functions may write only to their own log groups.
+    """
     ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
     template_arn = f"{ec2_arn}:launch-template/{launch_template_id}"
     own = {"StringEquals": {f"ec2:ResourceTag/{BOX_TAG}": box_name}}
@@ -155,7 +166,16 @@ def build_policy(
                                  {"ForAllValues:StringEquals": record_only}))
     if notify_topic_arn:
         statements.append(_allow("NotifyUser", POLICY_ACTIONS["topic"], notify_topic_arn))
-    statements.append(_allow("WriteLogs", POLICY_ACTIONS["logs"], f"arn:{partition}:logs:*:*:*"))
+    if kms_key_id:
+        # "Permissions for users" of EBS encryption: CreateGrant only for an AWS service (EC2),
+        # and every use only through EC2 in this region.
+        via_ec2 = {"StringEquals": {"kms:ViaService": f"ec2.{region}.amazonaws.com"}}
+        statements.append(_allow("LetEc2UseTheVolumeKey", POLICY_ACTIONS["kms_grant"], kms_key_id,
+                                 {**via_ec2, "Bool": {"kms:GrantIsForAWSResource": "true"}}))
+        statements.append(_allow("EncryptVolumesWithTheKey", POLICY_ACTIONS["kms_use"], kms_key_id, via_ec2))
+    groups = f"arn:{partition}:logs:{region}:{account_id}:log-group:/aws/lambda/{function_name}"
+    statements.append(_allow("WriteOwnLogs", POLICY_ACTIONS["logs"], [
+        groups, f"{groups}:log-stream:*", f"{groups}-*", f"{groups}-*:log-stream:*"]))
     return {"Version": "2012-10-17", "Statement": statements}
 
 
@@ -218,6 +238,8 @@ def record_stack(
         notify_topic_arn=topic,
         domain_name=env.get("DOMAIN_NAME") or None,
         allowed_instance_types=types,
+        kms_key_id=env.get("KMS_KEY_ID") or None,
+        function_name=f"{config.get('app_name', 'devbox')}-{stage}",
     )
     # The generated policy only takes effect with these two; a stage that set them keeps its values.
     stage_config.setdefault("autogen_policy", False)

@@ -114,3 +114,23 @@ def test_misconfigured_event_handler_raises_naming_the_variable(devbox, make_cli
     api = make_client(devbox.env(LAUNCH_TEMPLATE_ID=""))
     with pytest.raises(Exception, match="LAUNCH_TEMPLATE_ID"):
         api.lambda_.invoke("on_running", state_event(api, devbox.instance_id, "running"))
+
+
+@pytest.mark.parametrize("topic,words", [
+    ("arn:aws:sns:us-east-1:123456789012:devbox-alerts.fifo", "FIFO topic"),
+    ("arn:aws:sns:eu-west-1:123456789012:devbox-alerts", "in eu-west-1, but the function runs in us-east-1"),
+])
+def test_a_topic_sns_would_refuse_later_is_refused_now(stopped_devbox, make_client, topic, words):
+    response = make_client(stopped_devbox.env(NOTIFY_TOPIC_ARN=topic)).http.post("/start")
+    assert response.status_code == 500
+    assert words in response.json_body["Message"] and "NOTIFY_TOPIC_ARN" in response.json_body["Message"]
+    assert stopped_devbox.state() == "stopped" and stopped_devbox.rules() == []
+
+
+def test_a_malformed_setting_is_named_but_its_value_is_not_echoed(stopped_devbox, make_client, caplog):
+    secret_looking = "arn:aws:sns:us-east-1:210987654321:oops topic"
+    response = make_client(stopped_devbox.env(NOTIFY_TOPIC_ARN=secret_looking)).http.get("/status")
+    assert response.status_code == 500
+    assert "NOTIFY_TOPIC_ARN" in response.json_body["Message"]
+    assert "210987654321" not in response.body.decode()
+    assert "210987654321" in caplog.text

@@ -18,7 +18,14 @@ READ_ONLY = re.compile(r"^[a-z0-9]+:(Describe|List|Get)")
 # Actions IAM also checks when the code makes a call (the Service Authorization Reference's
 # "dependent actions"): tags given at creation need ec2:CreateTags, and a launch template
 # whose image is "resolve:ssm:<parameter>" needs ssm:GetParameters on that parameter.
-DEPENDENT = {"ec2:RunInstances": {"ec2:CreateTags", "ssm:GetParameters"}, "ec2:CreateVolume": {"ec2:CreateTags"}}
+# With a customer managed key for the volumes, EC2 uses the key on the caller's behalf at launch,
+# volume creation, start and attach ("Requirements for Amazon EBS encryption", permissions for users).
+KMS_FOR_EBS = {"kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
+               "kms:ReEncryptFrom", "kms:ReEncryptTo"}
+DEPENDENT = {"ec2:RunInstances": {"ec2:CreateTags", "ssm:GetParameters"} | KMS_FOR_EBS,
+             "ec2:CreateVolume": {"ec2:CreateTags"} | KMS_FOR_EBS, "ec2:StartInstances": KMS_FOR_EBS,
+             "ec2:AttachVolume": KMS_FOR_EBS}
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/0b0e6c5e-1c1d-4d6a-9f3e-2a6b1f9c0d11"
 
 
 def code_actions():
@@ -43,7 +50,7 @@ def full_policy():
     return build_policy(partition="aws", region="us-east-1", account_id="123456789012", box_name="devbox",
                         launch_template_id="lt-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
                         hosted_zone_id="Z1", notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox",
-                        domain_name="devbox.example.com", allowed_instance_types=["t3.large"])
+                        domain_name="devbox.example.com", allowed_instance_types=["t3.large"], kms_key_id=KMS_KEY)
 
 
 def test_code_calls_are_found():
@@ -62,6 +69,11 @@ def test_policy_grants_nothing_the_code_never_calls():
     assert not unused, f"the policy grants actions the code never calls: {sorted(unused)}"
 
 
+def resources(statement):
+    found = statement["Resource"]
+    return [found] if isinstance(found, str) else list(found)
+
+
 def test_no_mutating_action_on_every_resource():
     for statement in full_policy()["Statement"]:
         if statement["Resource"] == "*" or statement["Resource"] == ["*"]:
@@ -69,12 +81,38 @@ def test_no_mutating_action_on_every_resource():
             assert not mutating, f"{statement['Sid']} grants {mutating} on *"
 
 
+def test_no_arn_is_wild_in_its_partition_service_region_or_account():
+    for statement in full_policy()["Statement"]:
+        for arn in resources(statement):
+            if arn == "*":
+                continue
+            fields = arn.split(":", 5)
+            assert "*" not in "".join(fields[:5]), f"{statement['Sid']}: {arn} is a wildcard ARN"
+
+
+def test_every_resource_wildcard_on_a_mutating_action_is_narrowed_by_a_condition():
+    for statement in full_policy()["Statement"]:
+        mutating = [a for a in statement["Action"] if not READ_ONLY.match(a)]
+        wild = [arn for arn in resources(statement) if arn != "*" and arn.split(":", 5)[5].split("/")[-1] == "*"]
+        if mutating and wild and not statement["Sid"].startswith("WriteOwnLogs"):
+            assert statement.get("Condition"), f"{statement['Sid']} grants {mutating} on {wild} without a condition"
+
+
+def test_the_functions_write_only_to_their_own_log_groups():
+    (logs,) = [s for s in full_policy()["Statement"] if s["Sid"] == "WriteOwnLogs"]
+    assert all(arn.startswith("arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/devbox-dev")
+               for arn in resources(logs))
+
+
 def test_committed_policy_file_has_no_mutating_wildcards():
     policy = json.loads((ROOT / ".chalice" / "policy-dev.json").read_text())
-    assert policy_actions(policy) - set(POLICY_ACTIONS["logs"]) == code_actions()
+    # The placeholder deployment uses the account's default EBS key: no KMS statement.
+    assert policy_actions(policy) - set(POLICY_ACTIONS["logs"]) == code_actions() - KMS_FOR_EBS
     for statement in policy["Statement"]:
         if statement["Resource"] == "*":
             assert all(READ_ONLY.match(a) for a in statement["Action"])
+        for arn in resources(statement):
+            assert arn == "*" or "*" not in "".join(arn.split(":", 5)[:5]), arn
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 import json
 import threading
 
+import boto3
 import pytest
 
 from chalicelib import aws, service
@@ -303,3 +304,17 @@ def test_status_names_the_managed_domain_after_a_relaunch(stopped_devbox, make_c
     running(api, stopped_devbox)
     doc = body(api.http.get("/status"))
     assert doc["dns_name"] == DOMAIN and doc["state"] == "running"
+
+
+def test_the_data_volume_is_encrypted_with_the_configured_key(empty_box, make_client):
+    key = boto3.client("kms", region_name="us-east-1").create_key()["KeyMetadata"]["Arn"]
+    doc = body(post_start(make_client(empty_box.env(KMS_KEY_ID=key))))
+    (volume,) = empty_box.volumes()
+    assert doc["data_volume_id"] == volume["VolumeId"] and volume["KmsKeyId"] == key
+
+
+def test_status_tells_why_ec2_stopped_the_box(stopped_devbox, make_client):
+    doc = body(make_client(stopped_devbox.env()).http.get("/status"))
+    assert doc["state_reason"] == "Client.UserInitiatedShutdown: User initiated shutdown"
+    stopped_devbox.ec2.start_instances(InstanceIds=[stopped_devbox.instance_id])
+    assert body(make_client(stopped_devbox.env()).http.get("/status"))["state_reason"] is None

@@ -14,6 +14,7 @@ from devbox.stack import (DEFAULT_IMAGE_PARAMETER, POLICY_ACTIONS, TEMPLATE_PATH
                           outputs_to_env, record_stack)
 
 REPO = Path(__file__).resolve().parent.parent
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/0b0e6c5e-1c1d-4d6a-9f3e-2a6b1f9c0d11"
 BASE = dict(partition="aws", region="us-east-1", account_id="123456789012", box_name="devbox",
             launch_template_id="lt-0123456789abcdef0", security_group_id="sg-0123456789abcdef0")
 
@@ -70,6 +71,7 @@ def test_recording_a_stack_without_zone_fills_env_and_keeps_other_keys(aws: None
         "LAUNCH_TEMPLATE_ID": outputs["LaunchTemplateId"],
         "SECURITY_GROUP_ID": outputs["SecurityGroupId"],
         "SUBNET_IDS": "",
+        "KMS_KEY_ID": "",
         "HOSTED_ZONE_ID": "",
         "DOMAIN_NAME": "",
         "DNS_TTL": "60",
@@ -101,7 +103,7 @@ def test_policy_without_zone_scopes_ec2_to_the_box_and_grants_no_route53(aws: No
     assert resources["ResolveImage"] == f"arn:aws:ssm:us-east-1::parameter{DEFAULT_IMAGE_PARAMETER}"
     assert resources["ManageCallerAccess"] == f"arn:aws:ec2:us-east-1:123456789012:security-group/{outputs['SecurityGroupId']}"
     assert resources["DescribeDevbox"] == "*"
-    assert resources["WriteLogs"] == "arn:aws:logs:*:*:*"
+    assert resources["WriteOwnLogs"][0] == "arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/devbox-dev"
     assert not [a for a in actions(policy) if a.startswith("route53:")]
 
 
@@ -176,13 +178,23 @@ def test_policy_grants_exactly_the_listed_actions() -> None:
     policy = build_policy(
         **BASE, hosted_zone_id="Z1",
         notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox-alerts", allowed_instance_types=["t3.large"],
+        kms_key_id=KMS_KEY,
     )
     assert set(actions(policy)) == {a for group in POLICY_ACTIONS.values() for a in group}
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
-    # Only describe calls (which EC2 cannot scope) and logs get a wildcard.
-    wide = {a for s in policy["Statement"] if s["Resource"] == "*" or str(s["Resource"]).endswith(":*:*:*")
-            for a in s["Action"]}
-    assert wide == set(POLICY_ACTIONS["any"]) | set(POLICY_ACTIONS["logs"])
+    # Only describe calls (which EC2 cannot scope) get "*".
+    wide = {a for s in policy["Statement"] if s["Resource"] == "*" for a in s["Action"]}
+    assert wide == set(POLICY_ACTIONS["any"])
+
+
+def test_a_volume_key_is_usable_only_through_ec2_and_grants_only_for_aws_resources() -> None:
+    policy = build_policy(**BASE, kms_key_id=KMS_KEY)
+    kms = {s["Sid"]: s for s in policy["Statement"] if s["Action"][0].startswith("kms:")}
+    assert {s["Resource"] for s in kms.values()} == {KMS_KEY}
+    assert kms["LetEc2UseTheVolumeKey"]["Condition"]["Bool"] == {"kms:GrantIsForAWSResource": "true"}
+    for statement in kms.values():
+        assert statement["Condition"]["StringEquals"] == {"kms:ViaService": "ec2.us-east-1.amazonaws.com"}
+    assert not [a for a in actions(build_policy(**BASE)) if a.startswith("kms:")]
 
 
 def test_account_and_region_come_from_the_stack_arn(project_dir: Path) -> None:

@@ -110,7 +110,8 @@ def test_outputs_are_exactly_what_the_app_reads(template: Dict[str, Any]) -> Non
     from devbox.stack import OUTPUT_KEYS
 
     assert tuple(template["Outputs"]) == OUTPUT_KEYS
-    assert OUTPUT_KEYS == ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "HostedZoneId", "DomainName")
+    assert OUTPUT_KEYS == ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "KmsKeyId", "HostedZoneId",
+                           "DomainName")
     # moto empties every output when one reads Zone.NameServers.
     assert "NameServers" not in json.dumps(template["Outputs"])
 
