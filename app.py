@@ -4,7 +4,7 @@ from typing import Any, Callable, Dict
 from chalice import Chalice, IAMAuthorizer, Rate, Response
 from chalice.app import Request
 
-from chalicelib import service
+from chalicelib import deadline, oplog, service
 from chalicelib.aws import client
 from chalicelib.config import Config
 from chalicelib.errors import DevboxError
@@ -16,14 +16,29 @@ STATE_CHANGE = {"source": ["aws.ec2"], "detail-type": ["EC2 Instance State-chang
 INTERRUPTIONS = ["EC2 Spot Instance Interruption Warning", "EC2 Instance Rebalance Recommendation"]
 
 
-def _answer(operation: Callable[[], Dict[str, Any]]) -> Any:
-    """Run an operation, turning the service's errors into JSON error responses."""
-    try:
-        return operation()
-    except DevboxError as err:
-        if err.status_code >= 500:
-            app.log.error("%s: %s", err.code, err.message)
-        return Response(body={"Code": err.code, "Message": err.message}, status_code=err.status_code)
+def _answer(name: str, operation: Callable[[Config], Dict[str, Any]]) -> Any:
+    """Run a route's operation within the request deadline; the service's errors become JSON error responses."""
+    oplog.configure(app.log)
+    with oplog.operation(app.log, name, caller=_source_ip()) as op:
+        try:
+            with deadline.request_deadline():
+                config = Config.from_env()
+                op.box = config.box_name
+                document = operation(config)
+        except DevboxError as err:
+            op.failed(err)
+            return Response(body={"Code": err.code, "Message": err.message}, status_code=err.status_code)
+        op.answered(document)
+        return document
+
+
+def _event(name: str, instance_id: Any, handle: Callable[[Config], str]) -> None:
+    """Run an event handler's operation and log its line; a failure is raised for Lambda to retry."""
+    oplog.configure(app.log)
+    with oplog.operation(app.log, name, instance=instance_id) as op:
+        config = Config.from_env()
+        op.box = config.box_name
+        op.outcome = handle(config)
 
 
 def _request() -> Request:
@@ -39,58 +54,49 @@ def _source_ip() -> Any:
 
 @app.route("/status", methods=["GET"], authorizer=iam)
 def status() -> Any:
-    def run() -> Dict[str, Any]:
-        config = Config.from_env()
-        return service.get_status(client("ec2"), config, config.box_name)
-
-    return _answer(run)
+    return _answer("status", lambda config: service.get_status(client("ec2"), config, config.box_name))
 
 
 @app.route("/start", methods=["POST"], authorizer=iam)
 def start() -> Any:
-    def run() -> Dict[str, Any]:
+    def run(config: Config) -> Dict[str, Any]:
         body = parse_body(_request().raw_body, allowed_fields=("instance_type", "rebuild"))
-        config = Config.from_env()
         return service.start(client("ec2"), config, config.box_name, _source_ip(), body.get("instance_type"),
                              body.get("rebuild"))
 
-    return _answer(run)
+    return _answer("start", run)
 
 
 @app.route("/stop", methods=["POST"], authorizer=iam)
 def stop() -> Any:
-    def run() -> Dict[str, Any]:
+    def run(config: Config) -> Dict[str, Any]:
         parse_body(_request().raw_body, allowed_fields=())
-        config = Config.from_env()
         return service.stop(client("ec2"), config, config.box_name)
 
-    return _answer(run)
+    return _answer("stop", run)
 
 
 @app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["running"]}}, name="on_running")
 def on_running(event: Any) -> None:
-    config = Config.from_env()
-    outcome = service.on_running(client, config, config.box_name, event.detail.get("instance-id"))
-    app.log.info("running event: %s", outcome)
+    instance_id = event.detail.get("instance-id")
+    _event("on_running", instance_id,
+           lambda config: service.on_running(client, config, config.box_name, instance_id))
 
 
 @app.on_cw_event({**STATE_CHANGE, "detail": {"state": ["stopped", "terminated"]}}, name="on_stopped")
 def on_stopped(event: Any) -> None:
-    config = Config.from_env()
-    outcome = service.on_stopped(client, config, config.box_name, event.detail.get("instance-id"),
-                                 parse_event_time(event.time))
-    app.log.info("stopped event: %s", outcome)
+    instance_id = event.detail.get("instance-id")
+    _event("on_stopped", instance_id, lambda config: service.on_stopped(
+        client, config, config.box_name, instance_id, parse_event_time(event.time)))
 
 
 @app.on_cw_event({"source": ["aws.ec2"], "detail-type": INTERRUPTIONS}, name="on_interruption")
 def on_interruption(event: Any) -> None:
-    config = Config.from_env()
-    outcome = service.on_interruption(client, config, config.box_name, event.detail.get("instance-id"),
-                                      event.detail_type, event.detail, parse_event_time(event.time))
-    app.log.info("interruption event: %s", outcome)
+    instance_id = event.detail.get("instance-id")
+    _event("on_interruption", instance_id, lambda config: service.on_interruption(
+        client, config, config.box_name, instance_id, event.detail_type, event.detail, parse_event_time(event.time)))
 
 
 @app.schedule(Rate(15, unit=Rate.MINUTES), name="housekeeping")
 def housekeeping(event: Any) -> None:
-    config = Config.from_env()
-    app.log.info("housekeeping: %s", service.housekeeping(client, config, config.box_name))
+    _event("housekeeping", None, lambda config: service.housekeeping(client, config, config.box_name))

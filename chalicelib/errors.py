@@ -8,6 +8,8 @@ class DevboxError(Exception):
 
     status_code = 500
     code = "DevboxError"
+    # AWS's error code, when AWS refused the call behind this failure (for the logs).
+    aws_code: "str | None" = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -99,8 +101,10 @@ def aws_failure(err: Exception, action: str) -> DevboxError:
     if code in _DENIED:
         # AWS's text names the role, the account and an encoded authorization message: log it, do not return it.
         logging.getLogger("devbox").error("%s while trying to %s: %s", code, action, message)
-        return UpstreamError(f"the service's IAM role may not {action} ({code}); check its policy (see the logs)")
-    failure = UpstreamError(f"AWS refused to {action}: {code}: {message}".rstrip(": "))
+        failure = UpstreamError(f"the service's IAM role may not {action} ({code}); check its policy (see the logs)")
+    else:
+        failure = UpstreamError(f"AWS refused to {action}: {code}: {message}".rstrip(": "))
+    failure.aws_code = str(code)
     if code in _RETRYABLE:
         failure.status_code = 503
     return failure

@@ -3,14 +3,16 @@
 Every operation takes the box's name as an argument: the deployment's BOX_NAME today, the
 caller's own box later.
 """
+import contextvars
 import logging
+import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from chalicelib import access, box, cost, dns, instance, notify, volume
+from chalicelib import access, box, cost, deadline, dns, instance, notify, volume
 from chalicelib.config import Config
 from chalicelib.errors import ConfigError, DevboxError, InvalidRequestError, UpstreamError, aws_failure
 
@@ -22,8 +24,38 @@ Clients = Callable[[str], Any]
 VOLUME_WAIT_SECONDS = 90.0
 
 
+A = TypeVar("A")
+B = TypeVar("B")
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _side_by_side(first: Callable[[], A], second: Callable[[], B]) -> Tuple[A, B]:
+    """Run two independent reads at the same time: the answer takes the longer, not the sum.
+
+    The second runs in a thread with a copy of this context (the request's deadline and log
+    line); boto3 clients may be shared between threads. A failure of either is raised.
+    """
+    context = contextvars.copy_context()
+    result: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = context.run(second)
+        except BaseException as err:  # handed to the caller below
+            result["error"] = err
+
+    thread = threading.Thread(target=run, name="devbox-read", daemon=True)
+    thread.start()
+    try:
+        value = first()
+    finally:
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    return value, result["value"]
 
 
 def _document(box_name: str, current: Optional[Dict[str, Any]], config: Config, allowed: Any,
@@ -36,12 +68,12 @@ def _document(box_name: str, current: Optional[Dict[str, Any]], config: Config, 
 def get_status(ec2: Any, config: Config, box_name: str) -> Dict[str, Any]:
     """The box's current instance and the access the app has granted.
 
-    2 AWS calls; 3 when the box has no instance (the data volume is then looked up by tag).
+    2 AWS calls, made side by side; 3 when the box has no instance (the data volume is then looked up by tag).
     """
-    view = box.describe_box(ec2, box_name)
+    view, rules = _side_by_side(lambda: box.describe_box(ec2, box_name),
+                                lambda: access.describe_rules(ec2, config.security_group_id))
     current = view.current
     data_volume = volume.find_data_volume(ec2, box_name) if current is None else None
-    rules = access.describe_rules(ec2, config.security_group_id)
     return _document(box_name, current, config, access.allowed_cidrs(rules), data_volume=data_volume)
 
 
@@ -83,9 +115,9 @@ def start(
     wanted_type = validate_instance_type(config, instance_type)
     wants_rebuild = validate_rebuild(rebuild)
     now = now or _now()
-    view = box.describe_box(ec2, box_name)
+    view, rules = _side_by_side(lambda: box.describe_box(ec2, box_name),
+                                lambda: access.describe_rules(ec2, config.security_group_id))
     plan = box.plan_start(view, wanted_type, wants_rebuild, config.allowed_instance_types)
-    rules = access.describe_rules(ec2, config.security_group_id)
     # On a cold start the caller's surviving rules are re-stamped: a stopped event being
     # handled right now revokes only rules older than itself, so this session keeps access.
     access_plan = access.plan_access(
@@ -99,7 +131,8 @@ def start(
         current, state, extra = _carry_out(ec2, config, box_name, view, plan, now)
     except Exception:
         # Nothing half-done: the rule exists only for the session that failed to start.
-        access.revoke_permissions(ec2, config.security_group_id, added)
+        with deadline.cleanup():
+            access.revoke_permissions(ec2, config.security_group_id, added)
         raise
     allowed = set(access.allowed_cidrs(rules)) - {r.cidr for r in access_plan.revoke}
     if added:
@@ -316,7 +349,12 @@ def on_running(clients: Clients, config: Config, box_name: str, instance_id: Opt
     if instance.state_of(current) != "running":
         return f"ignored: the instance is {instance.state_of(current)} now"
     done = []
-    _finish_retirements(ec2, view, _now())
+    try:
+        _finish_retirements(ec2, view, _now())
+    except DevboxError as err:
+        # The /start that launched this instance may be retiring the old one right now; whatever
+        # is left is finished by the next start or the housekeeping job. DNS and the volume come first.
+        log.warning("%s: retiring the replaced instance(s) left for later: %s", box_name, err.message)
     ip = current.get("PublicIpAddress")
     if not config.dns_managed:
         done.append("DNS is not managed")

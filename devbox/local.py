@@ -3,15 +3,18 @@
 `devbox local` starts a moto server (devbox.fakeaws: moto, plus an endpoint that plays the
 spot service), creates the devbox resources in it from infra/devbox.yaml through moto's
 CloudFormation (a launch template, a group, a zone: no instance), serves the Chalice app
-with `chalice local` against it, and relays EC2 state changes of the box's instances to the
-app's event handlers (moto delivers no EventBridge events). `devbox local --demo` then walks
-the box through its life with the real `devbox` command and exits: the first start (an
-instance and a data volume), stop and start, a resize by relaunch, and the recovery from a
-spot interruption, checking each time that the same data volume followed.
+against it with Chalice's local server plus API Gateway's SigV4 check (devbox.peer_server:
+unsigned, expired or wrongly signed calls get API Gateway's 403, as they would on AWS), and
+relays EC2 state changes of the box's instances to the app's event handlers (moto delivers no
+EventBridge events). `devbox local --demo` then walks the box through its life with the real
+`devbox` command and exits: the first start (an instance and a data volume), stop and start, a
+resize by relaunch, and the recovery from a spot interruption, checking each time that the
+same data volume followed.
 """
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +22,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+
+from devbox.api import EXIT_FAILURE, CliError
+from devbox.sigv4_check import LocalIdentity
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "infra" / "devbox.yaml"
@@ -31,6 +37,43 @@ LOCAL_DOMAIN = "devbox.local.test"
 # Resizing is on locally, so the demo can show a resize by relaunch.
 LOCAL_SETTINGS = {"ALLOWED_INSTANCE_TYPES": "t3.large,m6i.xlarge"}
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+# The API callers the local API server knows (IAM users of moto's account 123456789012); the
+# first is the one client_env() signs as. A LocalStack may be given others.
+LOCAL_IDENTITIES = (
+    LocalIdentity(FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"], FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"], "devbox-local"),
+)
+# How long each child may take to say it serves.
+MOTO_START_TIMEOUT = 30.0
+API_START_TIMEOUT = 60.0
+RELAY_START_TIMEOUT = 30.0
+
+
+class LocalStackError(CliError):
+    """The local stack could not be brought up, or a part of it stopped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_FAILURE)
+
+
+class Child(NamedTuple):
+    """A process of the local stack: what it is, the process, and the log it writes."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def log_tail(self, lines: int = 1) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return ""
+        return " / ".join(text[-lines:])
+
+    def says(self, text: str) -> bool:
+        try:
+            return text in self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
 
 
 def free_port() -> int:
@@ -57,6 +100,43 @@ def wait_for_port(port: int, timeout: float, process: Optional[subprocess.Popen]
 def _name(process: subprocess.Popen) -> str:
     args = process.args
     return " ".join(str(a) for a in args[:3]) if isinstance(args, (list, tuple)) else str(args)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_serving(child: Child, port: int, ready: str, timeout: float) -> None:
+    """Wait until the child says `ready` (it prints that once its port is bound) and the port answers.
+
+    A port that answers proves nothing on its own: another process may hold it while the child
+    fails to bind and exits. So the child must be alive, and have said so, after the port answers.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        check_alive(child, f"before serving on 127.0.0.1:{port}")
+        if child.says(ready) and _answers(port):
+            break
+        if time.monotonic() > deadline:
+            held = (f"127.0.0.1:{port} answers, but not from {child.name} (another process holds the port?)"
+                    if _answers(port) else f"nothing listens on 127.0.0.1:{port}")
+            raise LocalStackError(f"{child.name} did not start within {timeout:.0f} s: {held}; its log: {child.log}")
+        time.sleep(0.1)
+    check_alive(child, f"after 127.0.0.1:{port} answered")
+
+
+def check_alive(child: Child, when: str) -> None:
+    """Raise LocalStackError naming the child and its log if it has exited."""
+    code = child.process.poll()
+    if code is None:
+        return
+    tail = child.log_tail()
+    raise LocalStackError(f"{child.name} exited with code {code} {when}"
+                          + (f": {tail}" if tail else "") + f"; its log: {child.log}")
 
 
 def aws_environment(endpoint: str) -> Dict[str, str]:
@@ -146,21 +226,30 @@ class RelayProcess:
 
 
 class LocalStack:
-    """moto server + resources + chalice local + relay, torn down together."""
+    """moto server + resources + the API server (SigV4 checked) + relay, torn down together."""
 
     def __init__(self, workdir: Path, say: Callable[[str], None] = print, api_port: int = 0, moto_port: int = 0,
-                 extra_app_env: Optional[Dict[str, str]] = None, peer_source_ip: bool = False) -> None:
+                 extra_app_env: Optional[Dict[str, str]] = None, peer_source_ip: bool = False,
+                 identities: Sequence[LocalIdentity] = LOCAL_IDENTITIES) -> None:
         self.workdir = workdir
         self.say = say
         self.api_port = api_port or free_port()
         self.moto_port = moto_port or free_port()
         self.extra_app_env = extra_app_env or {}
-        # chalice local reports every caller as 127.0.0.1; the peer server reports the
-        # connection's address, as API Gateway does (for tests with many callers).
+        # Accepted for callers written when only the peer server reported the connection's
+        # address; the API server now always does, as API Gateway does.
         self.peer_source_ip = peer_source_ip
-        self.processes: List[subprocess.Popen] = []
+        if not identities:
+            raise ValueError("the local stack needs at least one local identity to sign with")
+        self.identities = list(identities)
+        self.children: List[Child] = []
         self.relay: Optional[RelayProcess] = None
         self.app_env: Dict[str, str] = {}
+
+    @property
+    def processes(self) -> List[subprocess.Popen]:
+        """The processes started, oldest first."""
+        return [child.process for child in self.children]
 
     @property
     def endpoint(self) -> str:
@@ -170,13 +259,14 @@ class LocalStack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def _spawn(self, args: List[str], env: Dict[str, str], log_name: str) -> subprocess.Popen:
-        log = open(self.workdir / log_name, "wb")
-        process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=str(self.workdir), start_new_session=True)
-        log.close()
-        self.processes.append(process)
-        return process
+    def _spawn(self, name: str, args: List[str], env: Dict[str, str], log_name: str) -> Child:
+        path = self.workdir / log_name
+        with open(path, "wb") as log:
+            process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       cwd=str(self.workdir), start_new_session=True)
+        child = Child(name, process, path)
+        self.children.append(child)
+        return child
 
     def start(self) -> "LocalStack":
         """Bring everything up; on any failure, tear down what was started."""
@@ -190,31 +280,51 @@ class LocalStack:
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        moto = self._spawn([sys.executable, "-m", "devbox.fakeaws", "--port", str(self.moto_port), "--region", REGION],
+        moto = self._spawn("the fake AWS server (devbox.fakeaws)",
+                           [sys.executable, "-m", "devbox.fakeaws", "--port", str(self.moto_port), "--region", REGION],
                            {**base_env, "MOTO_EC2_LOAD_DEFAULT_AMIS": "false"}, "moto.log")
-        wait_for_port(self.moto_port, 30, moto)
+        # devbox.fakeaws prints "... on 127.0.0.1:PORT" once its socket is bound.
+        wait_until_serving(moto, self.moto_port, f"on 127.0.0.1:{self.moto_port}", MOTO_START_TIMEOUT)
         self.say(f"moto server (stands in for AWS, and plays the spot service): {self.endpoint}")
         self.app_env = {**create_resources(self.endpoint), **LOCAL_SETTINGS, **self.extra_app_env}
         self.say("created from infra/devbox.yaml in moto's CloudFormation: "
                  + ", ".join(f"{k}={v}" for k, v in self.app_env.items() if v))
         project = write_project(self.workdir / "project", self.app_env)
-        if self.peer_source_ip:
-            server = [sys.executable, "-m", "devbox.peer_server", "--project-dir", str(project),
-                      "--port", str(self.api_port), "--stage", "local"]
-        else:
-            server = [str(Path(sys.executable).parent / "chalice"), "--project-dir", str(project), "local",
-                      "--host", "127.0.0.1", "--port", str(self.api_port), "--stage", "local", "--no-autoreload"]
-        chalice = self._spawn(server, {**base_env, **aws_environment(self.endpoint), "PYTHONPATH": str(ROOT)},
-                              "chalice.log")
-        wait_for_port(self.api_port, 60, chalice)
-        self.say(f"chalice local (the devbox API): {self.url}")
-        relay = self._spawn([sys.executable, "-m", "devbox.relay", "--project-dir", str(project)],
+        from devbox.peer_server import READY
+
+        keys = self.workdir / "identities.json"
+        keys.touch(mode=0o600)
+        keys.write_text(json.dumps([identity.as_dict() for identity in self.identities]))
+        api = self._spawn("the devbox API server (devbox.peer_server)",
+                          [sys.executable, "-m", "devbox.peer_server", "--project-dir", str(project),
+                           "--port", str(self.api_port), "--stage", "local", "--region", REGION,
+                           "--identities", str(keys)],
+                          {**base_env, **aws_environment(self.endpoint), "PYTHONPATH": str(ROOT)}, "api.log")
+        wait_until_serving(api, self.api_port, READY, API_START_TIMEOUT)
+        self.say(f"the devbox API (chalice's local server; SigV4 checked as API Gateway does): {self.url}")
+        relay = self._spawn("the relay (devbox.relay)", [sys.executable, "-m", "devbox.relay", "--project-dir",
+                                                         str(project)],
                             {**base_env, **aws_environment(self.endpoint), **self.app_env, "PYTHONPATH": str(ROOT)},
                             "relay.log")
-        self.relay = RelayProcess(relay, self.workdir / "relay.log")
-        if not wait_until(self.relay.ready, timeout=30):
-            raise RuntimeError(f"the relay did not start; see {self.workdir / 'relay.log'}")
+        self.relay = RelayProcess(relay.process, relay.log)
+        deadline = time.monotonic() + RELAY_START_TIMEOUT
+        while not self.relay.ready():
+            check_alive(relay, "before it watched moto")
+            if time.monotonic() > deadline:
+                raise LocalStackError(f"{relay.name} did not start within {RELAY_START_TIMEOUT:.0f} s; "
+                                      f"its log: {relay.log}")
+            time.sleep(0.2)
         self.say("relay: state changes of the box's instances in moto go to the app's on_running/on_stopped handlers")
+        self.check_alive()
+
+    def check_alive(self) -> None:
+        """Raise LocalStackError naming the first process of the stack that has exited, and its log."""
+        for child in self.children:
+            check_alive(child, "while the local stack was up")
+
+    def exited(self) -> Optional[Child]:
+        """The first process of the stack that has exited, or None."""
+        return next((child for child in self.children if child.process.poll() is not None), None)
 
     def close(self) -> None:
         """Stop every process started (relay, API, moto), leaving none behind."""
@@ -230,7 +340,7 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=5)
-        self.processes.clear()
+        self.children.clear()
 
     def __enter__(self) -> "LocalStack":
         return self.start()
@@ -238,12 +348,23 @@ class LocalStack:
     def __exit__(self, *_: Any) -> None:
         self.close()
 
-    def client_env(self) -> Dict[str, str]:
-        """Environment for a `devbox` command aimed at this stack."""
+    def client_env(self, identity: Optional[LocalIdentity] = None) -> Dict[str, str]:
+        """Environment for a `devbox` command aimed at this stack, signing as identity (default: the first)."""
+        signer = identity or self.identities[0]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(FAKE_CREDENTIALS)
-        env.update({"AWS_DEFAULT_REGION": REGION, "DEVBOX_URL": self.url})
+        env.update({"AWS_ACCESS_KEY_ID": signer.access_key, "AWS_SECRET_ACCESS_KEY": signer.secret_key,
+                    "AWS_DEFAULT_REGION": REGION, "DEVBOX_URL": self.url})
+        if signer.session_token:
+            env["AWS_SESSION_TOKEN"] = signer.session_token
         return env
+
+    def auth(self, identity: Optional[LocalIdentity] = None) -> Any:
+        """A requests auth object that signs calls to this stack's API as identity (default: the first)."""
+        from requests_aws4auth import AWS4Auth
+
+        signer = identity or self.identities[0]
+        return AWS4Auth(signer.access_key, signer.secret_key, REGION, "execute-api",
+                        session_token=signer.session_token)
 
     def aws(self, service: str) -> Any:
         """A boto3 client for the moto server (to check what the app did)."""
@@ -442,27 +563,38 @@ def run(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="devbox-local-") as workdir:
-        stack = LocalStack(Path(workdir), say, api_port=args.port, moto_port=args.moto_port)
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            stack.start()
-            if args.demo:
-                return demo(stack, say)
-            say("\nThe local devbox stack is up. In another terminal:")
-            say(f"  export DEVBOX_URL={stack.url} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing "
-                f"AWS_DEFAULT_REGION={REGION}")
-            say("  devbox start --wait --no-ssh-probe && devbox status && devbox stop")
-            say("Ctrl-C stops everything.")
-            while True:
-                time.sleep(1)
-                for process in stack.processes:
-                    if process.poll() is not None:
-                        say(f"{_name(process)} exited unexpectedly ({process.returncode}); see {workdir}")
-                        return 1
-        except KeyboardInterrupt:
-            say("\nstopping the local stack")
-            return 130 if not args.demo else 1
-        finally:
-            stack.close()
-            signal.signal(signal.SIGTERM, previous)
+    # The logs outlive a failed run, so the message that names one can be followed.
+    workdir = Path(tempfile.mkdtemp(prefix="devbox-local-"))
+    stack = LocalStack(workdir, say, api_port=args.port, moto_port=args.moto_port)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    keep_logs = True
+    try:
+        stack.start()
+        if args.demo:
+            code = demo(stack, say)
+            keep_logs = code != 0
+            return code
+        signer = stack.identities[0]
+        say("\nThe local devbox stack is up. Calls must be SigV4-signed (service execute-api), as on AWS.")
+        say("In another terminal:")
+        say(f"  export DEVBOX_URL={stack.url} AWS_ACCESS_KEY_ID={signer.access_key} "
+            f"AWS_SECRET_ACCESS_KEY={signer.secret_key} AWS_DEFAULT_REGION={REGION}")
+        say("  devbox start --wait --no-ssh-probe && devbox status && devbox stop")
+        say("Ctrl-C stops everything.")
+        while True:
+            time.sleep(1)
+            dead = stack.exited()
+            if dead is not None:
+                say(f"{dead.name} exited unexpectedly (code {dead.process.returncode}); its log: {dead.log}")
+                return 1
+    except KeyboardInterrupt:
+        keep_logs = False
+        say("\nstopping the local stack")
+        return 130 if not args.demo else 1
+    finally:
+        stack.close()
+        signal.signal(signal.SIGTERM, previous)
+        if keep_logs:
+            print(f"devbox local: logs kept in {workdir}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)

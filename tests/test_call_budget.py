@@ -79,3 +79,22 @@ def test_running_handler_after_a_relaunch_moves_the_volume_in_two_more_calls(sto
         "DescribeInstances", "ChangeResourceRecordSets", "DescribeVolumes", "AttachVolume",
         "DescribeSpotPriceHistory", "CreateTags",
     ]
+
+
+def test_status_makes_its_two_reads_side_by_side(api, monkeypatch):
+    import threading
+
+    from chalicelib import access, box
+
+    both = threading.Barrier(2, timeout=5)
+    reads = {"describe_box": box.describe_box, "describe_rules": access.describe_rules}
+
+    def waits_for_the_other(name):
+        def read(*args):
+            both.wait()  # each read waits until the other has started: one after the other would time out
+            return reads[name](*args)
+        return read
+
+    monkeypatch.setattr(box, "describe_box", waits_for_the_other("describe_box"))
+    monkeypatch.setattr(access, "describe_rules", waits_for_the_other("describe_rules"))
+    assert api.http.get("/status").status_code == 200

@@ -1,5 +1,7 @@
-"""End to end on the local stack: real moto server, real `chalice local`, the relay, the real CLI."""
+"""End to end on the local stack: real moto server, the API server (SigV4 checked), the relay, the real CLI."""
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devbox.local import LocalStack, free_port, wait_until
+from devbox.local import LocalStack, LocalStackError, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,3 +87,56 @@ def _processes_mentioning(text):
         if text in raw:
             found.append(raw.replace("\0", " "))
     return found
+
+
+def _occupied_port():
+    """A listening socket on a free loopback port, as another program holding the port would be."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(8)
+    return holder, holder.getsockname()[1]
+
+
+@pytest.mark.parametrize("which, name, log", [
+    ("api_port", "the devbox API server (devbox.peer_server)", "api.log"),
+    ("moto_port", "the fake AWS server (devbox.fakeaws)", "moto.log"),
+])
+def test_port_held_by_another_process_is_not_reported_up(which, name, log):
+    holder, port = _occupied_port()
+    said = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="devbox-e2e-held-") as workdir:
+            stack = LocalStack(Path(workdir), say=said.append, **{which: port})
+            with pytest.raises(LocalStackError) as caught:
+                stack.start()
+            message = caught.value.message
+            assert message.startswith(f"{name} exited with code 1 before serving on 127.0.0.1:{port}")
+            assert "in use" in message  # the OS's (or werkzeug's) reason, quoted from the log
+            assert message.endswith(f"its log: {Path(workdir) / log}")
+            assert stack.processes == []
+    finally:
+        holder.close()
+    assert not any(line.startswith("the devbox API") for line in said)
+    assert _processes_mentioning(f"--port\0{port}") == []
+
+
+def test_devbox_local_on_a_held_port_fails_in_one_line_and_keeps_its_logs():
+    holder, port = _occupied_port()
+    try:
+        done = subprocess.run([sys.executable, "-m", "devbox", "local", "--port", str(port)], capture_output=True,
+                              text=True, timeout=120, cwd=str(ROOT))
+    finally:
+        holder.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "The local devbox stack is up" not in done.stdout
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("devbox: ")]
+    assert len(error) == 1, done.stderr
+    assert (f"the devbox API server (devbox.peer_server) exited with code 1 before serving on 127.0.0.1:{port}"
+            in error[0])
+    log = Path(re.search(r"its log: (\S+)$", error[0]).group(1))
+    try:
+        assert "Address already in use" in log.read_text()
+        assert f"logs kept in {log.parent}" in done.stderr
+    finally:
+        shutil.rmtree(log.parent, ignore_errors=True)

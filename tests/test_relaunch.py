@@ -295,7 +295,7 @@ def test_status_of_a_box_whose_instance_is_gone_still_names_its_volume(devbox, m
     doc = body(make_client(devbox.env()).http.get("/status"))
     assert (doc["state"], doc["instance_id"]) == ("none", None)
     assert (doc["data_volume_id"], doc["availability_zone"]) == (volume["VolumeId"], volume["AvailabilityZone"])
-    assert aws_calls.calls == ["DescribeInstances", "DescribeVolumes", "DescribeSecurityGroupRules"]
+    assert aws_calls.calls == ["DescribeInstances", "DescribeSecurityGroupRules", "DescribeVolumes"]
 
 
 def test_status_names_the_managed_domain_after_a_relaunch(stopped_devbox, make_client):
