@@ -1,5 +1,6 @@
 """One instance of the box: start, stop, change type, tags, and the status document."""
-from datetime import datetime
+import re
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -18,6 +19,16 @@ SPOT_SHUTDOWN = "Server.SpotInstanceShutdown"
 INTERRUPTION_TAG = "devbox:last-interruption"
 # The box's data volume, recorded on each of its instances (read back by every describe).
 VOLUME_TAG = "devbox:volume"
+# Written by the max-runtime job just before it stops the box (EC2 records its stop as a user's).
+STOPPED_BY_TAG = "devbox:stopped-by"
+# Written by the idle watcher on its own instance when its state changes.
+IDLE_TAG = "devbox:idle"
+# EC2's state reason for each way a box stops ("StateReason" in the EC2 API reference).
+_STOPPED_BY = {"Client.InstanceInitiatedShutdown": "idle", "Client.UserInitiatedShutdown": "user",
+               SPOT_SHUTDOWN: "spot"}
+# StateTransitionReason of a stop: "User initiated (2026-11-29 12:00:00 GMT)"; it may be empty.
+_TRANSITION_TIME = re.compile(r"\((\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}) (?:GMT|UTC)\)")
+_STOPS_AT = re.compile(r"stops at (\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z)")
 _CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity"}
 _STATE_CODES = {"IncorrectInstanceState", "IncorrectSpotRequestState", "UnsupportedOperation", "IncorrectState"}
 
@@ -111,7 +122,38 @@ def status_document(
         "last_interruption": tag_value(instance, INTERRUPTION_TAG) if instance else None,
         # Why EC2 last stopped it (e.g. a KMS key it may not use makes a start fall back to stopped).
         "state_reason": instance.get("StateReason", {}).get("Message") if state == "stopped" else None,
+        **stop_fields(instance, state),
+        "idle": tag_value(instance, IDLE_TAG) if instance and state == "running" else None,
     }
+
+
+def stop_fields(instance: Dict[str, Any], state: str) -> Dict[str, Any]:
+    """stopped_by (idle, user, max-runtime, spot, or null) and stopped_at, from what DescribeInstances says."""
+    if state != "stopped":
+        return {"stopped_by": None, "stopped_at": None}
+    by = _STOPPED_BY.get(instance.get("StateReason", {}).get("Code", ""))
+    match = _TRANSITION_TIME.search(str(instance.get("StateTransitionReason") or ""))
+    at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc) if match else None
+    if by == "user" and _stopped_for_max_runtime(instance):
+        by = "max-runtime"
+    if at is None and by == "idle":
+        # The watcher's last word before it powered off: "idle since ..., stops at ...".
+        stops = _STOPS_AT.search(tag_value(instance, IDLE_TAG) or "")
+        at = datetime.strptime(stops.group(1), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc) if stops else None
+    return {"stopped_by": by, "stopped_at": at.strftime("%Y-%m-%dT%H:%M:%SZ") if at else None}
+
+
+def _stopped_for_max_runtime(instance: Dict[str, Any]) -> bool:
+    # The job's tag counts only for the session it ended: written after the instance's last start.
+    marked = tag_value(instance, STOPPED_BY_TAG) or ""
+    launched = instance.get("LaunchTime")
+    try:
+        when = datetime.strptime(marked.split()[-1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (ValueError, IndexError):
+        return False
+    if isinstance(launched, datetime) and launched.tzinfo is None:
+        launched = launched.replace(tzinfo=timezone.utc)
+    return marked.startswith("max-runtime") and (not isinstance(launched, datetime) or when >= launched)
 
 
 def tag_value(instance: Dict[str, Any], key: str) -> Optional[str]:

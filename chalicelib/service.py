@@ -464,6 +464,9 @@ def housekeeping(clients: Clients, config: Config, box_name: str, now: Optional[
         if instance.state_of(current) == "running" and isinstance(launched, datetime):
             hours = (now - launched).total_seconds() / 3600
             if hours > config.max_runtime_hours:
+                # EC2 records an API stop as the user's: the tag tells /status it was this job.
+                instance.set_tags(ec2, current["InstanceId"],
+                                  {instance.STOPPED_BY_TAG: f"max-runtime {now.strftime('%Y-%m-%dT%H:%M:%SZ')}"})
                 instance.stop_instance(ec2, current["InstanceId"])
                 log.warning("stopped %s after %.1f h (MAX_RUNTIME_HOURS=%s)", current["InstanceId"], hours,
                             config.max_runtime_hours)

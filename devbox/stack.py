@@ -72,8 +72,9 @@ POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
 
 
 # Must match the tags chalicelib writes on an existing instance (box.VOLUME_TAG,
-# box.RETIRED_TAG, cost.PRICE_TAG, instance.INTERRUPTION_TAG).
-APP_TAG_KEYS = ("devbox:volume", "devbox:retired", "devbox:spot-price", "devbox:last-interruption")
+# box.RETIRED_TAG, cost.PRICE_TAG, instance.INTERRUPTION_TAG, instance.STOPPED_BY_TAG).
+APP_TAG_KEYS = ("devbox:volume", "devbox:retired", "devbox:spot-price", "devbox:last-interruption",
+                "devbox:stopped-by")
 
 
 class StackError(Exception):

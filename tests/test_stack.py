@@ -157,7 +157,8 @@ def test_tag_permission_names_only_the_apps_tags_on_the_boxs_instances() -> None
     policy = build_policy(**BASE)
     (tags,) = [s for s in policy["Statement"] if s["Sid"] == "TagBoxInstances"]
     keys = tags["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"]
-    assert sorted(keys) == sorted([cost.PRICE_TAG, instance.INTERRUPTION_TAG, instance.VOLUME_TAG, box.RETIRED_TAG])
+    assert sorted(keys) == sorted([cost.PRICE_TAG, instance.INTERRUPTION_TAG, instance.VOLUME_TAG, box.RETIRED_TAG,
+                                   instance.STOPPED_BY_TAG])
     assert tags["Condition"]["StringEquals"] == {"ec2:ResourceTag/devbox:box": "devbox"}
     (on_create,) = [s for s in policy["Statement"] if s["Sid"] == "TagOnCreate"]
     assert on_create["Condition"]["StringEquals"]["ec2:CreateAction"] == ["RunInstances", "CreateVolume"]
