@@ -3,9 +3,11 @@
 requests and botocore are imported when a client is built, not at import time, so that
 `devbox --help` and argument errors answer at once.
 """
+import ipaddress
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
@@ -61,14 +63,28 @@ class ApiError(CliError):
         return self.exit_code in (EXIT_UNREACHABLE, EXIT_TIMEOUT) or (self.status or 0) >= 500
 
 
-def find_deployed_url(stage: str = DEFAULT_STAGE, start_dir: Optional[Path] = None) -> Optional[str]:
-    """The rest_api_url chalice recorded in .chalice/deployed/<stage>.json, here or in a parent folder."""
+@dataclass(frozen=True)
+class ApiUrl:
+    """The API's base URL and where it was found: "--url", "$DEVBOX_URL" or a deployment record's path."""
+
+    url: str
+    source: str
+
+
+def find_deployment_record(stage: str = DEFAULT_STAGE, start_dir: Optional[Path] = None) -> Optional[Path]:
+    """The chalice deployment record .chalice/deployed/<stage>.json, here or in a parent folder."""
     here = (start_dir or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         record = folder / ".chalice" / "deployed" / f"{stage}.json"
         if record.is_file():
-            return _rest_api_url(record)
+            return record
     return None
+
+
+def find_deployed_url(stage: str = DEFAULT_STAGE, start_dir: Optional[Path] = None) -> Optional[str]:
+    """The rest_api_url chalice recorded in .chalice/deployed/<stage>.json, here or in a parent folder."""
+    record = find_deployment_record(stage, start_dir)
+    return None if record is None else _rest_api_url(record)
 
 
 def _rest_api_url(record: Path) -> str:
@@ -83,6 +99,30 @@ def _rest_api_url(record: Path) -> str:
     raise CliError(f"{record} records no rest_api_url: was the app deployed with `chalice deploy`?", EXIT_USAGE)
 
 
+def locate_url(
+    url: Optional[str] = None,
+    stage: str = DEFAULT_STAGE,
+    environ: Optional[Mapping[str, str]] = None,
+    start_dir: Optional[Path] = None,
+) -> Optional[ApiUrl]:
+    """The API's URL and its source: --url, else $DEVBOX_URL, else the chalice deployment record; None if none.
+
+    A URL that is found is checked (see check_url) whatever its source.
+    """
+    environ = os.environ if environ is None else environ
+    if url:
+        found = ApiUrl(url, "--url")
+    elif environ.get(URL_ENV):
+        found = ApiUrl(environ[URL_ENV], f"${URL_ENV}")
+    else:
+        record = find_deployment_record(stage, start_dir)
+        if record is None:
+            return None
+        found = ApiUrl(_rest_api_url(record), str(record))
+    check_url(found.url, found.source)
+    return found
+
+
 def resolve_url(
     url: Optional[str] = None,
     stage: str = DEFAULT_STAGE,
@@ -90,18 +130,65 @@ def resolve_url(
     start_dir: Optional[Path] = None,
 ) -> str:
     """The API's base URL: --url, else $DEVBOX_URL, else the chalice deployment record."""
-    environ = os.environ if environ is None else environ
-    found = url or environ.get(URL_ENV) or find_deployed_url(stage, start_dir)
-    if not found:
+    return require_url(url, stage, environ, start_dir).url
+
+
+def require_url(
+    url: Optional[str] = None,
+    stage: str = DEFAULT_STAGE,
+    environ: Optional[Mapping[str, str]] = None,
+    start_dir: Optional[Path] = None,
+) -> ApiUrl:
+    """locate_url, with a usage error when no URL is found anywhere."""
+    found = locate_url(url, stage, environ, start_dir)
+    if found is None:
         raise CliError(
             f"no devbox API URL: pass --url, set {URL_ENV}, or run from the project after `chalice deploy`"
             f" (looked for .chalice/deployed/{stage}.json)",
             EXIT_USAGE,
         )
-    parts = urlsplit(found)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CliError(f"the devbox API URL must be http(s)://host/...: {found!r}", EXIT_USAGE)
     return found
+
+
+def is_loopback_host(host: Optional[str]) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1: addresses that never leave this machine."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # Only ::1 for IPv6: Python versions disagree on whether ::ffff:127.0.0.1 is loopback.
+    return address.is_loopback if address.version == 4 else address == ipaddress.IPv6Address("::1")
+
+
+def check_url(url: str, source: str = "--url") -> None:
+    """Refuse an API URL the client must not sign requests for: not http(s), or plain http off this machine.
+
+    A signed request carries the caller's access key id and, with temporary credentials, the
+    session token: over plain http anyone on the path reads them. A deployment record can be
+    planted in any repository, so its URL gets the same check as a typed one.
+    """
+    where = f"(from {printable(source)})"
+    if any(char.isspace() or not char.isprintable() for char in url):
+        raise CliError(f"the devbox API URL {where} holds spaces or control characters: {printable(url)}", EXIT_USAGE)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError for a port that is not a number
+    except ValueError as err:
+        raise CliError(f"the devbox API URL {where} is not a URL ({err}): {url}", EXIT_USAGE) from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise CliError(f"the devbox API URL {where} must be https://host/...: {url!r}", EXIT_USAGE)
+    if parts.scheme == "http" and not is_loopback_host(host):
+        raise CliError(
+            f"refusing to sign requests for {url} {where}: plain http would show your AWS access key id and"
+            " session token to the network; use its https URL (http is allowed only for 127.0.0.1, ::1 and"
+            " localhost)",
+            EXIT_USAGE,
+        )
 
 
 def region_from_url(url: str) -> Optional[str]:
@@ -135,7 +222,7 @@ def make_auth(url: str, profile: Optional[str] = None, region: Optional[str] = N
     # The signature only verifies in the API's own region, whatever the profile's default is.
     signing_region = region or region_from_url(url) or session_region
     if not signing_region:
-        if urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1"):
+        if is_loopback_host(urlsplit(url).hostname):
             # `chalice local` checks no signature; any region makes a well-formed one.
             signing_region = "us-east-1"
         else:
@@ -147,11 +234,18 @@ class DevboxApi:
     """The three routes of the devbox API: GET /status, POST /start, POST /stop."""
 
     def __init__(
-        self, url: str, auth: Any, timeout: float = DEFAULT_TIMEOUT, session: Optional["requests.Session"] = None
+        self,
+        url: str,
+        auth: Any,
+        timeout: float = DEFAULT_TIMEOUT,
+        session: Optional["requests.Session"] = None,
+        source: str = "the caller",
     ) -> None:
         import requests
 
+        check_url(url, source)
         self.url = url.rstrip("/")
+        self.source = source
         self.auth = auth
         self.timeout = timeout
         self.session = session or requests.Session()
@@ -166,8 +260,8 @@ class DevboxApi:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> "DevboxApi":
         """A client for the API found from the options, signing with the profile's credentials."""
-        base = resolve_url(url, stage)
-        return cls(base, make_auth(base, profile, region), timeout)
+        found = require_url(url, stage)
+        return cls(found.url, make_auth(found.url, profile, region), timeout, source=found.source)
 
     def status(self) -> Dict[str, Any]:
         """The instance's status document."""
@@ -278,6 +372,40 @@ def printable(value: Any) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
+def status_text(status: Mapping[str, Any], field: str) -> Optional[str]:
+    """status[field] as text, None when absent, null or empty; any other type is a malformed status."""
+    value = status.get(field)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise malformed_status(field, value)
+    return value
+
+
+def malformed_status(field: str, value: Any, expected: str = "text") -> ApiError:
+    """The error for a status field the client cannot use: names the field, what it holds, what was expected."""
+    return ApiError(
+        f"the devbox API answered a malformed status: {field} is {_kind(value)}, not {expected}", EXIT_FAILURE
+    )
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, str):
+        shown = printable(value)
+        return "'" + (shown if len(shown) <= 60 else shown[:57] + "...") + "'"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
 
 
 def _one_line(text: str, limit: int = _MAX_EXCERPT) -> str:

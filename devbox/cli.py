@@ -7,6 +7,10 @@ spot box, --rebuild) that takes the data volume over; it says which, and why.
 Every subcommand accepts --profile/--region/--url (and --stage, which picks the chalice
 deployment record used when no URL is given). `main()` returns the exit code; failures
 print one line on stderr (exit codes: see devbox.api.EXIT_*).
+
+Every string the server supplies (status fields, error messages) is printed through
+devbox.api.printable: a control character in it is shown escaped, never sent to the terminal
+as one. --json output is JSON, whose encoder escapes them as well.
 """
 import argparse
 import importlib
@@ -27,9 +31,11 @@ from devbox.api import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     URL_ENV,
+    ApiUrl,
     CliError,
     DevboxApi,
-    find_deployed_url,
+    locate_url,
+    make_auth,
     printable,
 )
 from devbox.progress import (
@@ -72,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_USAGE
         return handler(args)
     except CliError as err:
-        print(f"devbox: {err.message}", file=sys.stderr)
+        print(f"devbox: {printable(err.message)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("devbox: interrupted; the devbox keeps whatever state it has reached", file=sys.stderr)
@@ -102,6 +108,8 @@ def build_parser(requested: Optional[str] = None) -> argparse.ArgumentParser:
 
     status = _command(commands, "status", "show the box: its instance, data volume, state and address", cmd_status)
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the API URL and where it came from (--url, $DEVBOX_URL or a file)")
 
     start = _command(commands, "start", "start the devbox and let this IP in over SSH", cmd_start)
     start.add_argument("--type", dest="instance_type", type=_instance_type, metavar="INSTANCE_TYPE",
@@ -249,13 +257,24 @@ def _wait_options(args: argparse.Namespace) -> WaitOptions:
     )
 
 
-def _print_status(status: Dict[str, Any], as_json: bool) -> None:
-    print(json.dumps(status, indent=2) if as_json else format_status(status))
+def _print_status(status: Dict[str, Any], as_json: bool, api: Optional[DevboxApi] = None) -> None:
+    if as_json:
+        # json.dumps escapes control characters (and all non-ASCII) itself.
+        print(json.dumps(status, indent=2))
+    else:
+        _print_lines(format_status(status, api))
+
+
+def _print_lines(text: str) -> None:
+    # The last guard before the terminal: each line printable, so no field can forge another.
+    for line in text.split("\n"):
+        print(printable(line), flush=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """devbox status: print the status table, or the document with --json."""
-    _print_status(_api(args).status(), args.json)
+    api = _api(args)
+    _print_status(api.status(), args.json, api if args.verbose else None)
     return 0
 
 
@@ -266,7 +285,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if not args.json:
         # Said before any wait: a relaunch means a new root disk, worth knowing at once.
         for line in start_report(status):
-            print(line, flush=True)
+            _print_lines(line)
     if args.wait:
         with Progress() as progress:
             status = wait_until_ready(api, _wait_options(args), progress).status
@@ -289,15 +308,18 @@ def cmd_ssh_config(args: argparse.Namespace) -> int:
     """devbox ssh-config: add or update the managed Host block in the ssh config file."""
     from devbox import sshconfig
 
+    found = locate_url(args.url, args.stage)
     # ssh runs the ProxyCommand from any folder: a URL found in this project's deployment
     # record must be written down, while $DEVBOX_URL is left to the environment.
-    block_url = args.url or (None if os.environ.get(URL_ENV) else find_deployed_url(args.stage))
+    block_url = found.url if found is not None and found.source != f"${URL_ENV}" else None
+    # Said before anything is written: the URL receives signed requests at every `ssh`.
+    _print_lines(_url_origin(found, block_url is not None, args.stage))
     identity = args.identity
     if identity and not identity.startswith(("~", "/")):
         identity = os.path.abspath(identity)
     entry = sshconfig.HostEntry(
         name=args.host,
-        hostname=args.hostname or _managed_dns_name(args) or args.host,
+        hostname=args.hostname or _managed_dns_name(args, found) or args.host,
         proxy_command=sshconfig.proxy_command(
             sshconfig.devbox_command(), args.port, block_url, args.profile, args.region
         ),
@@ -305,29 +327,42 @@ def cmd_ssh_config(args: argparse.Namespace) -> int:
         identity_file=identity,
     )
     path = Path(args.config).expanduser()
-    outcome = sshconfig.write_config(path, entry)
+    ssh = shutil.which("ssh")
+    outcome = sshconfig.write_config(path, entry, ssh=ssh)
     if outcome == "unchanged":
-        print(f"{path}: the Host {entry.name} block is up to date")
-    else:
-        backup = ""
-        if outcome == "updated":
-            backup = f" (previous version: {sshconfig.backup_path(Path(os.path.realpath(path)))})"
-        print(f"{path}: Host {entry.name} block {outcome}{backup}; connect with `ssh {entry.name}`")
+        _print_lines(f"{path}: the Host {entry.name} block is up to date")
+        return 0
+    notes = ["ssh -G accepts it" if ssh else "not checked with `ssh -G`: ssh is not installed"]
+    if outcome == "updated":
+        notes.append(f"previous version: {sshconfig.backup_path(Path(os.path.realpath(path)))}")
+    _print_lines(f"{path}: Host {entry.name} block {outcome} ({'; '.join(notes)}); connect with `ssh {entry.name}`")
     return 0
 
 
-def _managed_dns_name(args: argparse.Namespace) -> Optional[str]:
-    # Only a managed domain is stable enough to write down; EC2's own names change at each start.
-    from devbox.progress import is_managed_name
+def _url_origin(found: Optional[ApiUrl], written: bool, stage: str) -> str:
+    if found is None:
+        return (f"no API URL found: the proxy looks for one each time ssh runs it (${URL_ENV}, else"
+                f" .chalice/deployed/{stage}.json in or above the folder ssh runs in)")
+    if not written:
+        return (f"API URL {found.url} (from {found.source}): not written into the block; the proxy reads"
+                f" {found.source} each time ssh runs it")
+    return f"API URL {found.url} (from {found.source}): written into the ProxyCommand"
 
-    if not (args.url or os.environ.get(URL_ENV) or find_deployed_url(args.stage)):
+
+def _managed_dns_name(args: argparse.Namespace, found: Optional[ApiUrl]) -> Optional[str]:
+    # Only a managed domain is stable enough to write down; EC2's own names change at each start.
+    from devbox.progress import is_managed_name, status_dns_name
+
+    if found is None:
         return None
     try:
-        dns_name = _api(args, timeout=SSH_CONFIG_STATUS_TIMEOUT).status().get("dns_name")
+        api = DevboxApi(found.url, make_auth(found.url, args.profile, args.region), SSH_CONFIG_STATUS_TIMEOUT,
+                        source=found.source)
+        dns_name = status_dns_name(api.status())
     except CliError as err:
-        print(f"devbox: note: HostName not taken from the status ({err.message})", file=sys.stderr)
+        print(f"devbox: note: HostName not taken from the status ({printable(err.message)})", file=sys.stderr)
         return None
-    return str(dns_name) if is_managed_name(dns_name) else None
+    return dns_name if is_managed_name(dns_name) else None
 
 
 def cmd_ssh(args: argparse.Namespace) -> int:
@@ -371,8 +406,11 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return run_proxy(_api(args), _wait_options(args))
 
 
-def format_status(status: Dict[str, Any]) -> str:
-    """A short human table of the status document (a malformed one too: odd values are shown, not fatal)."""
+def format_status(status: Dict[str, Any], api: Optional[DevboxApi] = None) -> str:
+    """A short human table of the status document (a malformed one too: odd values are shown, not fatal).
+
+    With api, a last row names the API's URL and where it came from.
+    """
     address = status.get("dns_name") or status.get("public_ip")
     if address and status.get("public_ip") and address != status.get("public_ip"):
         address = f"{address} ({status['public_ip']})"
@@ -406,6 +444,8 @@ def format_status(status: Dict[str, Any]) -> str:
         rows.append(("uptime", _duration(status["uptime_seconds"])))
     if status.get("estimated_cost") is not None:
         rows.append(("estimated cost", _money(status["estimated_cost"], "", 4)))
+    if api is not None:
+        rows.append(("api", f"{api.url}/ (from {api.source})"))
     width = max(len(label) for label, _ in rows) + 3
     return "\n".join(f"{label + ':':<{width}}{_cell(value)}" for label, value in rows)
 

@@ -8,6 +8,7 @@ resize of a spot box, a rebuild) the status names the new instance, and a status
 one ("none") while waiting means the instance /start launched is already gone.
 """
 import ipaddress
+import re
 import socket
 import sys
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, Dict, List, Optional, Protocol, Set, TextIO, Type, Union
 
-from devbox.api import EXIT_CONFLICT, EXIT_TIMEOUT, ApiError, CliError, printable
+from devbox.api import EXIT_CONFLICT, EXIT_TIMEOUT, ApiError, CliError, malformed_status, printable, status_text
 
 POLL_INTERVAL = 2.0
 DEFAULT_WAIT_TIMEOUT = 300.0
@@ -34,6 +35,8 @@ _SPINNER = "|/-\\"
 _TICK = 0.1
 # Names EC2 itself hands out: they follow the address, so there is no record to wait for.
 _EC2_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".compute.internal")
+# One label of a host name; a leading "-" is refused, since the name may end up as an ssh argument.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})")
 
 Resolver = Callable[..., List[Any]]
 Connector = Callable[..., socket.socket]
@@ -77,6 +80,8 @@ class Progress:
 
     def waiting(self, text: str) -> None:
         """Show the step being waited for (printed once, or redrawn with a spinner on a terminal)."""
+        # Steps quote the server's fields and messages: none may reach the terminal as an escape sequence.
+        text = printable(text)
         self.waited = True
         if text != self._text:
             self._text = text
@@ -96,7 +101,7 @@ class Progress:
     def note(self, text: str) -> None:
         """Print a line, whatever the mode."""
         self.clear()
-        self._write(f"devbox: {text}\n")
+        self._write(f"devbox: {printable(text)}\n")
 
     def pause(self, seconds: float) -> None:
         """Sleep between polls, keeping the spinner turning on a terminal."""
@@ -159,9 +164,9 @@ class Ready:
     verified_name: Optional[str] = None
 
 
-def is_managed_name(dns_name: Optional[str]) -> bool:
+def is_managed_name(dns_name: Any) -> bool:
     """True when dns_name looks like the deployment's own domain rather than an EC2 name or an IP."""
-    if not dns_name:
+    if not dns_name or not isinstance(dns_name, str):
         return False
     try:
         ipaddress.ip_address(dns_name)
@@ -181,12 +186,52 @@ def dns_in_place(name: str, address: str, resolve: Resolver = socket.getaddrinfo
     return address in {answer[4][0] for answer in answers}
 
 
+def status_state(status: Dict[str, Any]) -> str:
+    """The status's state ("running", "stopped", "none", ...): text, or a malformed status."""
+    state = status.get("state")
+    if not isinstance(state, str) or not state:
+        raise malformed_status("state", state, "a state such as running or stopped")
+    return state
+
+
+def status_public_ip(status: Dict[str, Any]) -> Optional[str]:
+    """The status's public_ip: an IP address or None; anything else is a malformed status."""
+    value = status.get("public_ip")
+    if value is None or value == "":
+        return None
+    try:
+        ipaddress.ip_address(value if isinstance(value, str) else "-")
+    except ValueError:
+        raise malformed_status("public_ip", value, "an IP address") from None
+    return str(value)
+
+
+def status_dns_name(status: Dict[str, Any]) -> Optional[str]:
+    """The status's dns_name: a host name or None; anything else is a malformed status.
+
+    It is connected to, written into the ssh config and passed to ssh as its destination, where
+    a value starting with "-" would be read as an option.
+    """
+    value = status.get("dns_name")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not is_host_name(value):
+        raise malformed_status("dns_name", value, "a DNS name")
+    return value
+
+
+def is_host_name(name: str) -> bool:
+    """True for a syntactically valid DNS name (letters, digits, _ and -, dot-separated labels)."""
+    labels = (name[:-1] if name.endswith(".") else name).split(".")
+    return len(name) <= 254 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
 def connect_host(status: Dict[str, Any], host_override: Optional[str] = None) -> str:
     """The address to open SSH connections to: the override, else the public IP, else the DNS name."""
-    host = host_override or status.get("public_ip") or status.get("dns_name")
+    host = host_override or status_public_ip(status) or status_dns_name(status)
     if not host:
         raise CliError("the devbox runs without a public address (no public_ip or dns_name in its status)")
-    return str(host)
+    return host
 
 
 def placement(status: Dict[str, Any]) -> str:
@@ -327,8 +372,8 @@ def wait_until_ready(
         waiting_for = "the devbox's status"
         status = poller.status()
         if status is not None:
-            state = str(status.get("state"))
-            seen_instance = status.get("instance_id") or seen_instance
+            state = status_state(status)
+            seen_instance = status_text(status, "instance_id") or seen_instance
             if state in FINAL_STATES:
                 raise _gone(seen_instance, state)
             if state == NO_INSTANCE:
@@ -371,17 +416,17 @@ def _check_address(
 ) -> Union[Ready, str]:
     """The Ready result, or what is still being waited for."""
     host = connect_host(status, options.host_override)
-    dns_name, public_ip = status.get("dns_name"), status.get("public_ip")
+    dns_name, public_ip = status_dns_name(status), status_public_ip(status)
     # The record only matters for reaching the box: not when probes are off (local mode, where
     # the domain is made up) nor with an override, which means "not the real address".
     checks_dns = options.dns_check and options.ssh_probe and not options.host_override
     verified_name = None
-    if checks_dns and public_ip and is_managed_name(dns_name):
-        if not dns_in_place(str(dns_name), str(public_ip), resolve):
+    if checks_dns and public_ip and dns_name and is_managed_name(dns_name):
+        if not dns_in_place(dns_name, public_ip, resolve):
             progress.waiting(f"DNS record {dns_name} -> {public_ip}")
             return f"the DNS record {dns_name} -> {public_ip}"
         once("dns", f"DNS record in place ({dns_name} -> {public_ip})")
-        verified_name = str(dns_name)
+        verified_name = dns_name
     if not options.ssh_probe:
         once("ssh", "DNS and SSH checks skipped (--no-ssh-probe)")
         return Ready(status, host)
@@ -411,7 +456,7 @@ def wait_until_stopped(
     while True:
         status = poller.status()
         if status is not None:
-            state = str(status.get("state"))
+            state = status_state(status)
             if state == "stopped":
                 progress.done(f"{instance_label(status)} stopped")
                 return status

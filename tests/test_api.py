@@ -442,3 +442,82 @@ def test_requests_carry_a_timeout(fake_api: FakeApi) -> None:
     devbox_api.stop()
 
     assert seen == [(5.0, 7.0)] * 3
+
+
+# --- where the URL comes from, and which ones get signed requests (issue 11, item 10) ---------------------
+
+
+@pytest.mark.parametrize("url", ["http://example.com/api/", "http://10.0.0.5:8000/api/", "http://[fe80::1]/api/",
+                                 "http://localhost.example.com/", "http://127.0.0.1.nip.io/", "http://[::ffff:7f00:1]/",
+                                 "http://0.0.0.0:8000/"])
+def test_plain_http_off_loopback_is_refused_whatever_the_source(tmp_path: Path, url: str) -> None:
+    deployed = tmp_path / ".chalice" / "deployed"
+    deployed.mkdir(parents=True)
+    record = deployed / "dev.json"
+    record.write_text(json.dumps({"resources": [{"resource_type": "rest_api", "rest_api_url": url}]}))
+
+    for option, environ, source in ((url, {}, "--url"), (None, {"DEVBOX_URL": url}, "$DEVBOX_URL"),
+                                    (None, {}, str(record))):
+        with pytest.raises(CliError) as caught:
+            api.resolve_url(option, environ=environ, start_dir=tmp_path)
+
+        assert caught.value.exit_code == api.EXIT_USAGE
+        assert caught.value.message.startswith(f"refusing to sign requests for {url} (from {source}): plain http")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/api/", "http://127.5.6.7/", "http://[::1]:8000/",
+                                 "http://localhost:8000/api/", "http://LOCALHOST/", "https://example.com/api/"])
+def test_https_and_loopback_http_are_accepted(url: str) -> None:
+    assert api.locate_url(url, environ={}) == api.ApiUrl(url, "--url")
+
+
+@pytest.mark.parametrize("url", ["https://example.com/a b", "https://example.com/\x1b[2J", "https://exa\nmple.com/",
+                                 "https://[::1/", "https://example.com:port/"])
+def test_urls_with_spaces_control_characters_or_bad_syntax_are_usage_errors(url: str) -> None:
+    with pytest.raises(CliError) as caught:
+        api.resolve_url(url, environ={})
+
+    assert caught.value.exit_code == api.EXIT_USAGE
+    assert caught.value.message.isprintable()
+
+
+def test_the_source_of_the_url_is_named(tmp_path: Path) -> None:
+    url = "https://abc123.execute-api.us-east-1.amazonaws.com/api/"
+    deployed = tmp_path / ".chalice" / "deployed"
+    deployed.mkdir(parents=True)
+    (deployed / "dev.json").write_text(json.dumps({"resources": [{"resource_type": "rest_api", "rest_api_url": url}]}))
+    env = {"DEVBOX_URL": "https://env.example.com/api/"}
+
+    assert api.locate_url("https://a.example.com/", environ=env) == api.ApiUrl("https://a.example.com/", "--url")
+    assert api.locate_url(None, environ=env) == api.ApiUrl("https://env.example.com/api/", "$DEVBOX_URL")
+    from_record = api.ApiUrl(url, str(deployed / "dev.json"))
+    assert api.locate_url(None, environ={}, start_dir=tmp_path) == from_record
+    assert api.locate_url(None, environ={}, start_dir=tmp_path / ".chalice") == from_record
+
+
+def test_a_client_made_by_hand_refuses_plain_http_too() -> None:
+    with pytest.raises(CliError) as caught:
+        DevboxApi("http://example.com/api/", auth=None)
+
+    assert caught.value.exit_code == api.EXIT_USAGE
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [({"a": 1}, "an object"), ([1], "a list"), (True, "true"), (5, "the number 5"), (None, "null"),
+     ("x\x1b[2J" + "y" * 100, "'x\\x1b[2J" + "y" * 49 + "...'")],
+)
+def test_a_malformed_status_field_is_named_with_what_it_holds(value: Any, shown: str) -> None:
+    error = api.malformed_status("dns_name", value, "a DNS name")
+
+    assert error.message == f"the devbox API answered a malformed status: dns_name is {shown}, not a DNS name"
+    assert error.exit_code == api.EXIT_FAILURE
+
+
+def test_status_text_takes_text_and_absence_and_refuses_other_types() -> None:
+    assert api.status_text({"box": "devbox"}, "box") == "devbox"
+    assert api.status_text({"box": ""}, "box") is None
+    assert api.status_text({}, "box") is None
+    with pytest.raises(ApiError) as caught:
+        api.status_text({"box": ["devbox"]}, "box")
+    assert caught.value.message == "the devbox API answered a malformed status: box is a list, not text"

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from tests.test_api import FakeApi, fake_api, free_port, no_credentials, status_
 
 ROOT = Path(__file__).resolve().parent.parent
 Run = Callable[..., Tuple[int, str, str]]
+# What ssh-config says about the check of the new file, with or without an OpenSSH client here.
+CHECKED = "ssh -G accepts it" if shutil.which("ssh") else "not checked with `ssh -G`: ssh is not installed"
 
 
 @pytest.fixture(autouse=True)
@@ -376,11 +379,15 @@ def test_ssh_config_writes_the_block_with_the_url_and_managed_name(
                          "--port", "2222", "--url", fake_api.url, "--profile", "work")
 
     assert code == 0, err
-    assert out == f"{config}: Host devbox block created; connect with `ssh devbox`\n"
+    assert out.splitlines() == [
+        f"API URL {fake_api.url} (from --url): written into the ProxyCommand",
+        f"{config}: Host devbox block created ({CHECKED}); connect with `ssh devbox`",
+    ]
     text = config.read_text()
     assert "    HostName devbox.example.com\n" in text
     assert "    User ubuntu\n" in text
-    assert f"    IdentityFile {tmp_path / 'keys' / 'devbox.pem'}\n" in text
+    key = tmp_path / "keys" / "devbox.pem"
+    assert f'    IdentityFile "{key}"\n' in text
     assert f"proxy --port 2222 --url {fake_api.url} --profile work\n" in text
     assert "Credential=AKIDWORK/" in fake_api.requests[0].headers["Authorization"]
 
@@ -416,9 +423,10 @@ def test_ssh_config_writes_the_url_of_the_deployment_record(run: Run, tmp_path: 
         {"name": "rest_api", "resource_type": "rest_api", "rest_api_url": url}], "schema_version": "2.0"}))
     config = tmp_path / "config"
 
-    code, _, err = run("ssh-config", "--config", str(config), "--hostname", "devbox.example.com")
+    code, out, err = run("ssh-config", "--config", str(config), "--hostname", "devbox.example.com")
 
     assert code == 0, err
+    assert out.splitlines()[0] == f"API URL {url} (from {deployed / 'dev.json'}): written into the ProxyCommand"
     assert f"--url {url}\n" in config.read_text()
 
 
@@ -429,7 +437,11 @@ def test_ssh_config_twice_reports_up_to_date(run: Run, tmp_path: Path) -> None:
     code, out, _ = run("ssh-config", "--config", str(config), "--hostname", "devbox.example.com")
 
     assert code == 0
-    assert out == f"{config}: the Host devbox block is up to date\n"
+    assert out.splitlines() == [
+        "no API URL found: the proxy looks for one each time ssh runs it ($DEVBOX_URL, else"
+        " .chalice/deployed/dev.json in or above the folder ssh runs in)",
+        f"{config}: the Host devbox block is up to date",
+    ]
 
 
 # --- delegated commands --------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The managed Host block: byte-exact edits of tricky ssh config files, checked with `ssh -G`."""
+import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -295,3 +296,160 @@ def test_proxy_command_passes_url_profile_and_region_only_when_given() -> None:
     assert sshconfig.proxy_command(["/bin/devbox"], 2222, url="https://a.example.com/api/", region="eu-west-1") == (
         "/bin/devbox proxy --port 2222 --url https://a.example.com/api/ --region eu-west-1"
     )
+
+
+# --- quoting that OpenSSH reads back as meant (issue 11, item 10) ------------------------------------------
+
+# Each was written wrong by shlex.join or a bare word: a backslash before a closing quote, a bare
+# quote, a bare #, shell syntax, % tokens.
+AWKWARD_WORDS = [
+    "https://x.example.com/api\\", "it's", "a'b\\", "\\'", "\\\\", "'", '"', 'say "hi"', "#not a comment",
+    "100%h", "$(touch pwned)", "`touch pwned`", "a  b", "~root", "é", "x;y|z&", "",
+]
+# Prints the words it was started with, as JSON: stands in for `devbox` in the ProxyCommand.
+ECHO_ARGS = [sys.executable, "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
+
+
+def run_proxy_command(proxycommand: str) -> List[str]:
+    """Run a ProxyCommand as ssh does (% tokens expanded, then `$SHELL -c "exec ..."`); its argv as JSON."""
+    command = proxycommand.replace("%%", "%")
+    done = subprocess.run(["/bin/sh", "-c", "exec " + command], capture_output=True, text=True, timeout=10,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    words: List[str] = json.loads(done.stdout)
+    return words
+
+
+@needs_ssh
+@pytest.mark.parametrize("word", AWKWARD_WORDS)
+def test_awkward_words_reach_the_proxy_intact_through_ssh_config_and_the_shell(tmp_path: Path, word: str) -> None:
+    url = "https://x.example.com/api\\"
+    command = sshconfig.proxy_command(ECHO_ARGS, 22, url, profile=word, region=word)
+    config = tmp_path / "config"
+
+    sshconfig.write_config(config, HostEntry(name="devbox", hostname="devbox", proxy_command=command))
+
+    proxycommand = ssh_g(config)["proxycommand"]
+    assert proxycommand == command
+    expected = ["proxy", "--port", "22", "--url", url] + (["--profile", word, "--region", word] if word else [])
+    assert run_proxy_command(proxycommand) == expected
+
+
+@needs_ssh
+def test_a_url_ending_in_a_backslash_leaves_every_host_working(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("Host other\n    HostName other.example.com\n    Port 2200\n")
+    command = sshconfig.proxy_command(["/opt/devbox/bin/devbox"], 22, "https://x.example.com/api\\")
+
+    sshconfig.write_config(config, HostEntry(name="devbox", hostname="devbox", proxy_command=command))
+
+    assert "--url 'https://x.example.com/api'\\\\\n" in config.read_text()
+    assert ssh_g(config)["proxycommand"] == command
+    assert ssh_g(config, "other")["port"] == "2200"
+
+
+@needs_ssh
+@pytest.mark.parametrize("identity", ["/keys/it's.pem", "/keys/it's mine.pem", "/keys/#1.pem", "/keys/100%.pem",
+                                      "~/.ssh/o'brien", "/keys/'", "/keys/a=b,c"])
+def test_identity_paths_with_quotes_hashes_and_percent_signs_are_read_back_as_written(
+    tmp_path: Path, identity: str
+) -> None:
+    config = tmp_path / "config"
+
+    sshconfig.write_config(config, HostEntry(name="devbox", hostname="devbox", proxy_command=PROXY,
+                                             identity_file=identity))
+
+    assert ssh_g(config)["identityfile"] == identity.replace("%", "%%")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"identity_file": '/keys/say "hi".pem'}, "cannot hold a double quote or a backslash"),
+        ({"identity_file": "C:\\keys\\devbox.pem"}, "cannot hold a double quote or a backslash"),
+        ({"identity_file": "${HOME}/.ssh/devbox.pem"}, "cannot hold ${"),
+        ({"identity_file": "/keys/a\tb"}, "line breaks or control characters"),
+        ({"identity_file": ""}, "cannot be empty"),
+        ({"user": "dom\\\\user"}, "--user must be a plain user name"),
+        ({"proxy_command": "devbox proxy\x1b[2J"}, "control characters"),
+    ],
+)
+def test_values_an_ssh_config_cannot_quote_are_refused_with_the_reason(changes: Dict[str, str], message: str) -> None:
+    fields = {"name": "devbox", "hostname": "devbox", "proxy_command": PROXY, **changes}
+
+    with pytest.raises(CliError) as caught:
+        sshconfig.render_block(HostEntry(**fields))
+
+    assert message in caught.value.message
+
+
+def test_control_characters_in_proxy_words_are_refused() -> None:
+    with pytest.raises(CliError) as caught:
+        sshconfig.proxy_command(["/bin/devbox"], 22, "https://x.example.com/api/\n    ProxyJump evil")
+
+    assert "cannot hold line breaks or control characters" in caught.value.message
+
+
+@needs_ssh
+def test_a_file_ssh_refuses_is_left_as_it_was(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    original = b"Host broken\n    IdentityFile 'unclosed\n"
+    config.write_bytes(original)
+
+    with pytest.raises(CliError) as caught:
+        sshconfig.write_config(config, ENTRY)
+
+    # ssh names the real file and the line (the block's 13 lines now come first).
+    assert caught.value.message == (
+        f"ssh refuses the new config ({config} line 15: invalid quotes; {config}: terminating, 1 bad configuration"
+        f" options); {config} left unchanged"
+    )
+    assert config.read_bytes() == original
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config"]  # no backup, no temporary file
+
+
+def fake_ssh(folder: Path, script: str) -> str:
+    """An `ssh` program made of a shell script (for answers a real ssh would not give)."""
+    program = folder / "bin" / "ssh"
+    program.parent.mkdir()
+    program.write_text("#!/bin/sh\n" + script)
+    program.chmod(0o755)
+    return str(program)
+
+
+def test_a_file_ssh_reads_differently_is_left_as_it_was(tmp_path: Path) -> None:
+    # What an OpenSSH without escapes would answer for a value holding them.
+    ssh = fake_ssh(tmp_path, "echo 'hostname devbox.example.com'; echo 'proxycommand something else'\n")
+    config = tmp_path / "config"
+
+    with pytest.raises(CliError) as caught:
+        sshconfig.write_config(config, ENTRY, ssh=ssh)
+
+    assert caught.value.message == (
+        f"ssh would read proxycommand as 'something else', not '{PROXY}'; {config} left unchanged"
+    )
+    assert not config.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bin"]
+
+
+def test_the_check_asks_ssh_about_the_new_file_before_it_replaces_the_old(tmp_path: Path) -> None:
+    log = tmp_path / "asked"
+    ssh = fake_ssh(tmp_path, f'echo "$@" > {log}; cat "$3" >> {log}; exit 255\n')
+    config = tmp_path / "config"
+    config.write_text("Host old\n")
+
+    with pytest.raises(CliError):
+        sshconfig.write_config(config, ENTRY, ssh=ssh)
+
+    asked = log.read_text()
+    assert asked.startswith(f"-G -F {tmp_path}/.config.")
+    assert asked.endswith(" devbox\n" + sshconfig.render_block(ENTRY).decode() + "Host old\n")
+    assert config.read_text() == "Host old\n"
+
+
+@pytest.mark.parametrize("ssh", [None, "no-such-ssh-client"])
+def test_without_an_ssh_client_the_file_is_written_unchecked(tmp_path: Path, ssh: Optional[str]) -> None:
+    config = tmp_path / "config"
+
+    assert sshconfig.write_config(config, ENTRY, ssh=ssh) == "created"
+    assert config.read_bytes().startswith(BEGIN_MARKER)
