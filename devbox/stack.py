@@ -67,8 +67,10 @@ POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
     "kms_grant": ("kms:CreateGrant",),
     "kms_use": ("kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
                 "kms:ReEncryptFrom", "kms:ReEncryptTo"),
-    "logs": ("logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"),
+    "log_groups": ("logs:CreateLogGroup",),
+    "log_streams": ("logs:CreateLogStream", "logs:PutLogEvents"),
 }
+LOG_ACTIONS = POLICY_ACTIONS["log_groups"] + POLICY_ACTIONS["log_streams"]
 
 
 # Must match the tags chalicelib writes on an existing instance (box.VOLUME_TAG,
@@ -174,9 +176,11 @@ def build_policy(
         statements.append(_allow("LetEc2UseTheVolumeKey", POLICY_ACTIONS["kms_grant"], kms_key_id,
                                  {**via_ec2, "Bool": {"kms:GrantIsForAWSResource": "true"}}))
         statements.append(_allow("EncryptVolumesWithTheKey", POLICY_ACTIONS["kms_use"], kms_key_id, via_ec2))
+    # CreateLogGroup takes log-group ARNs, CreateLogStream and PutLogEvents log-stream ARNs.
     groups = f"arn:{partition}:logs:{region}:{account_id}:log-group:/aws/lambda/{function_name}"
-    statements.append(_allow("WriteOwnLogs", POLICY_ACTIONS["logs"], [
-        groups, f"{groups}:log-stream:*", f"{groups}-*", f"{groups}-*:log-stream:*"]))
+    statements.append(_allow("WriteOwnLogsGroups", POLICY_ACTIONS["log_groups"], [groups, f"{groups}-*"]))
+    statements.append(_allow("WriteOwnLogsStreams", POLICY_ACTIONS["log_streams"],
+                             [f"{groups}:log-stream:*", f"{groups}-*:log-stream:*"]))
     return {"Version": "2012-10-17", "Statement": statements}
 
 

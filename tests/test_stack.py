@@ -103,7 +103,8 @@ def test_policy_without_zone_scopes_ec2_to_the_box_and_grants_no_route53(aws: No
     assert resources["ResolveImage"] == f"arn:aws:ssm:us-east-1::parameter{DEFAULT_IMAGE_PARAMETER}"
     assert resources["ManageCallerAccess"] == f"arn:aws:ec2:us-east-1:123456789012:security-group/{outputs['SecurityGroupId']}"
     assert resources["DescribeDevbox"] == "*"
-    assert resources["WriteOwnLogs"][0] == "arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/devbox-dev"
+    assert resources["WriteOwnLogsGroups"][0] == "arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/devbox-dev"
+    assert resources["WriteOwnLogsStreams"][0].endswith(":log-group:/aws/lambda/devbox-dev:log-stream:*")
     assert not [a for a in actions(policy) if a.startswith("route53:")]
 
 
