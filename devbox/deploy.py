@@ -51,6 +51,8 @@ TEMPLATE_OPTIONS: Tuple[Tuple[str, str], ...] = (
     ("hosted_zone_id", "HostedZoneId"),
     ("create_hosted_zone", "CreateHostedZone"),
     ("idle_minutes", "IdleMinutes"),
+    ("idle_load_threshold", "IdleLoadThreshold"),
+    ("kms_key_id", "KmsKeyId"),
 )
 
 DEFAULT_NEGATIVE_TTL = 60
@@ -117,6 +119,10 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--idle-minutes", type=_non_negative_int, help="power off after this many idle minutes, 0 for never (default: 30)"
     )
+    group.add_argument("--idle-load-threshold", metavar="LOAD",
+                       help="a 5-minute load average above this keeps the box up, 0 for never (default: 1.0)")
+    group.add_argument("--kms-key-id", metavar="ARN",
+                       help='customer managed KMS key for the box\'s volumes ("" for the account\'s EBS default)')
     parser.add_argument(
         "--fix-soa",
         action="store_true",
@@ -152,6 +158,9 @@ def template_parameters(args: argparse.Namespace) -> Dict[str, str]:
     return given
 
 
+CAPABILITIES = ["CAPABILITY_IAM"]
+
+
 def deploy_stack(
     cfn: CloudFormationClient, stack_name: str, template_body: str, parameters: Mapping[str, str]
 ) -> str:
@@ -164,6 +173,8 @@ def deploy_stack(
             TemplateBody=template_body,
             Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
             Tags=[{"Key": "devbox:stack", "Value": stack_name}],
+            # The template holds the instance role (unnamed): CloudFormation asks for this acknowledgement.
+            Capabilities=CAPABILITIES,
         )
         _wait(cfn, "stack_create_complete", stack_name)
         return "created"
@@ -192,7 +203,8 @@ def deploy_stack(
     ]
     print(f"updating stack {stack_name} ...")
     try:
-        cfn.update_stack(StackName=stack_name, TemplateBody=template_body, Parameters=update_parameters)
+        cfn.update_stack(StackName=stack_name, TemplateBody=template_body, Parameters=update_parameters,
+                         Capabilities=CAPABILITIES)
     except ClientError as err:
         if err.response["Error"]["Code"] == "ValidationError" and "No updates are to be performed" in err.response["Error"].get("Message", ""):
             return "unchanged"

@@ -162,6 +162,7 @@ def create_resources(endpoint: str, domain: str = LOCAL_DOMAIN) -> Dict[str, str
             {"ParameterKey": "DomainName", "ParameterValue": domain},
             {"ParameterKey": "CreateHostedZone", "ParameterValue": "true"},
         ],
+        Capabilities=["CAPABILITY_IAM"],  # the template holds the instance role, as on AWS
     )
     cfn.get_waiter("stack_create_complete").wait(StackName=STACK_NAME, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     outputs = cfn.describe_stacks(StackName=STACK_NAME)["Stacks"][0].get("Outputs", [])

@@ -25,7 +25,8 @@ else:
     CloudFormationClient = Any
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "infra" / "devbox.yaml"
-OUTPUT_KEYS = ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "KmsKeyId", "HostedZoneId", "DomainName")
+OUTPUT_KEYS = ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "KmsKeyId", "HostedZoneId", "DomainName",
+               "InstanceRoleArn")
 REQUIRED_OUTPUTS = ("BoxName", "LaunchTemplateId", "SecurityGroupId")
 DEFAULT_IMAGE_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 BOX_TAG = "devbox:box"
@@ -53,6 +54,9 @@ POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
     "spot_request": ("ec2:CancelSpotInstanceRequests",),
     # resolve:ssm: in the launch template is resolved with the launching role's permissions.
     "image_parameter": ("ssm:GetParameters",),
+    # The launch template names the instance profile (the idle watcher tags its own instance):
+    # launching with it passes the role to EC2.
+    "pass_role": ("iam:PassRole",),
     "security_group": (
         "ec2:AuthorizeSecurityGroupIngress",
         "ec2:RevokeSecurityGroupIngress",
@@ -111,6 +115,7 @@ def build_policy(
     allowed_instance_types: Sequence[str] = (),
     kms_key_id: Optional[str] = None,
     function_name: str = "devbox-dev",
+    instance_role_arn: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The Lambda's IAM policy document, scoped to one box, launch template, group and (optional) zone.
 
@@ -169,6 +174,9 @@ def build_policy(
                                  {"ForAllValues:StringEquals": record_only}))
     if notify_topic_arn:
         statements.append(_allow("NotifyUser", POLICY_ACTIONS["topic"], notify_topic_arn))
+    if instance_role_arn:
+        statements.append(_allow("PassInstanceRoleToEc2", POLICY_ACTIONS["pass_role"], instance_role_arn,
+                                 {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}))
     if kms_key_id:
         # "Permissions for users" of EBS encryption: CreateGrant only for an AWS service (EC2),
         # and every use only through EC2 in this region.
@@ -244,6 +252,7 @@ def record_stack(
         domain_name=env.get("DOMAIN_NAME") or None,
         allowed_instance_types=types,
         kms_key_id=env.get("KMS_KEY_ID") or None,
+        instance_role_arn=env.get("INSTANCE_ROLE_ARN") or None,
         function_name=f"{config.get('app_name', 'devbox')}-{stage}",
     )
     # The generated policy only takes effect with these two; a stage that set them keeps its values.

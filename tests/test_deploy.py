@@ -387,6 +387,8 @@ def test_update_passes_unset_parameters_as_previous_values_and_no_stack_policy()
                     {"ParameterKey": "KeyName", "ParameterValue": ""},
                     {"ParameterKey": "IdleMinutes", "ParameterValue": "45"},
                 ],
+                # The template holds an IAM role: CloudFormation refuses the update without this.
+                "Capabilities": ["CAPABILITY_IAM"],
             },
         )
         stub.add_response("describe_stacks", stack_description("UPDATE_COMPLETE"), {"StackName": "devbox"})

@@ -22,7 +22,8 @@ READ_ONLY = re.compile(r"^[a-z0-9]+:(Describe|List|Get)")
 # volume creation, start and attach ("Requirements for Amazon EBS encryption", permissions for users).
 KMS_FOR_EBS = {"kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
                "kms:ReEncryptFrom", "kms:ReEncryptTo"}
-DEPENDENT = {"ec2:RunInstances": {"ec2:CreateTags", "ssm:GetParameters"} | KMS_FOR_EBS,
+# A launch template naming an instance profile passes its role to EC2 at each launch.
+DEPENDENT = {"ec2:RunInstances": {"ec2:CreateTags", "ssm:GetParameters", "iam:PassRole"} | KMS_FOR_EBS,
              "ec2:CreateVolume": {"ec2:CreateTags"} | KMS_FOR_EBS, "ec2:StartInstances": KMS_FOR_EBS,
              "ec2:AttachVolume": KMS_FOR_EBS}
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/0b0e6c5e-1c1d-4d6a-9f3e-2a6b1f9c0d11"
@@ -50,7 +51,8 @@ def full_policy():
     return build_policy(partition="aws", region="us-east-1", account_id="123456789012", box_name="devbox",
                         launch_template_id="lt-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
                         hosted_zone_id="Z1", notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox",
-                        domain_name="devbox.example.com", allowed_instance_types=["t3.large"], kms_key_id=KMS_KEY)
+                        domain_name="devbox.example.com", allowed_instance_types=["t3.large"], kms_key_id=KMS_KEY,
+                        instance_role_arn="arn:aws:iam::123456789012:role/devbox-InstanceRole-ABC")
 
 
 def test_code_calls_are_found():

@@ -39,6 +39,7 @@ ALL_OPTIONS: Dict[str, Any] = {
     "allowed_instance_types": ["t3.large", "m6i.xlarge"],
     "kms_key_id": f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab",
     "function_name": "devbox-dev",
+    "instance_role_arn": f"arn:aws:iam::{ACCOUNT}:role/devbox-InstanceRole-0123ABCD",
     "image_parameter": "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id",
 }
 BUILDS = {

@@ -74,6 +74,7 @@ def test_recording_a_stack_without_zone_fills_env_and_keeps_other_keys(aws: None
         "KMS_KEY_ID": "",
         "HOSTED_ZONE_ID": "",
         "DOMAIN_NAME": "",
+        "INSTANCE_ROLE_ARN": outputs["InstanceRoleArn"],
         "DNS_TTL": "60",
         "SSH_PORT": "22",
         "DATA_VOLUME_GIB": "50",
@@ -141,6 +142,7 @@ def test_stack_given_an_existing_zone_is_recorded_with_that_zone(aws: None, proj
     assert f"arn:aws:route53:::hostedzone/{zone_id}" in [s["Resource"] for s in policy["Statement"]]
 
 
+PLACEHOLDER_ROLE = "arn:aws:iam::123456789012:role/devbox-InstanceRole-EXAMPLE"
 PLACEHOLDER_TOPIC = "arn:aws:sns:us-east-1:123456789012:devbox-alerts"
 
 
@@ -180,7 +182,7 @@ def test_policy_grants_exactly_the_listed_actions() -> None:
     policy = build_policy(
         **BASE, hosted_zone_id="Z1",
         notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox-alerts", allowed_instance_types=["t3.large"],
-        kms_key_id=KMS_KEY,
+        kms_key_id=KMS_KEY, instance_role_arn="arn:aws:iam::123456789012:role/devbox-InstanceRole-ABC",
     )
     assert set(actions(policy)) == {a for group in POLICY_ACTIONS.values() for a in group}
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
@@ -257,6 +259,7 @@ def test_committed_placeholder_policy_is_what_build_policy_makes() -> None:
     assert committed == build_policy(
         **BASE, hosted_zone_id="Z0123456789ABCDEFGHIJ", notify_topic_arn=PLACEHOLDER_TOPIC,
         domain_name="devbox.example.com", allowed_instance_types=["t3.large", "m6i.xlarge"],
+        instance_role_arn=PLACEHOLDER_ROLE,
     )
 
 
@@ -281,3 +284,10 @@ def test_recording_drops_a_leftover_instance_id(aws: None, project_dir: Path) ->
     create_stack("devbox")
     record_stack(boto3.client("cloudformation"), "devbox", project_dir)
     assert "INSTANCE_ID" not in read_json(config_path)["stages"]["dev"]["environment_variables"]
+
+
+def test_launching_with_the_instance_profile_may_pass_only_its_role_only_to_ec2() -> None:
+    role = "arn:aws:iam::123456789012:role/devbox-InstanceRole-ABC"
+    (passing,) = [s for s in build_policy(**BASE, instance_role_arn=role)["Statement"] if s["Action"] == ["iam:PassRole"]]
+    assert passing["Resource"] == role
+    assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
