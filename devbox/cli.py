@@ -21,7 +21,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -40,6 +41,7 @@ from devbox.api import (
 )
 from devbox.progress import (
     Progress,
+    Ready,
     WaitOptions,
     note_start,
     start_report,
@@ -47,6 +49,7 @@ from devbox.progress import (
     wait_until_stopped,
 )
 from devbox.proxy import HOST_OVERRIDE_ENV
+from devbox.reconnect import DEFAULT_IDLE_COOLDOWN, MAX_IDLE_COOLDOWN, age_text, parse_utc, record_start
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -60,6 +63,13 @@ _COMMON_WITH_VALUE = ("--profile", "--region", "--url", "--stage")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
 # ssh-config asks the API for the DNS name; it should not hang on a slow network.
 SSH_CONFIG_STATUS_TIMEOUT = 10.0
+# What each stopped_by of the status means.
+STOP_REASONS = {
+    "idle": "idle (the box's idle watcher shut it down)",
+    "user": "user (a stop through the API, `devbox stop`, or the EC2 console)",
+    "max-runtime": "max-runtime (it ran longer than MAX_RUNTIME_HOURS)",
+    "spot": "spot (the spot service took the capacity back)",
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -137,6 +147,12 @@ def build_parser(requested: Optional[str] = None) -> argparse.ArgumentParser:
     config.add_argument("--port", type=_port, default=22, help="the devbox's SSH port (default: 22)")
     config.add_argument("--hostname", metavar="NAME",
                         help="HostName to write (default: the managed DNS name from the status, else the alias)")
+    _add_idle_cooldown(config)
+    config.add_argument("--vscode", action="store_true",
+                        help="also set remote.SSH.connectTimeout to 120 s in VS Code's user settings, so that"
+                             " VS Code waits for a stopped box to start")
+    config.add_argument("--vscode-settings", metavar="PATH",
+                        help="VS Code's settings.json (implies --vscode; default: the user settings of this system)")
 
     ssh = _command(commands, "ssh", "start the devbox if needed, wait for it, then run ssh", cmd_ssh)
     ssh.add_argument("--host", metavar="NAME",
@@ -146,8 +162,19 @@ def build_parser(requested: Optional[str] = None) -> argparse.ArgumentParser:
 
     proxy = _command(commands, "proxy", "ssh ProxyCommand: start, wait, then relay stdin/stdout to SSH", cmd_proxy)
     _add_wait_options(proxy, probe_switch=True, dns_switch=False)
+    _add_idle_cooldown(proxy)
     proxy.add_argument("--host-override", metavar="HOST", default=os.environ.get(HOST_OVERRIDE_ENV) or None,
                        help=f"for tests: connect to HOST instead of the devbox's address (env {HOST_OVERRIDE_ENV})")
+
+    code = _command(commands, "code", "start the devbox, wait for it, then open VS Code on it over Remote-SSH",
+                    cmd_code)
+    code.add_argument("path", nargs="?", metavar="PATH",
+                      help="the folder to open on the box (default: the login user's home; relative to it if"
+                           " relative)")
+    code.add_argument("--host", default="devbox", metavar="NAME",
+                      help="the alias of the box in your ssh config (default: devbox)")
+    # No DNS wait: VS Code reaches the box through the alias's ProxyCommand, which connects to its IP.
+    _add_wait_options(code, probe_switch=True, dns_switch=False)
 
     for name, (module, add_name, run_name, help_text) in DELEGATED.items():
         # Their own options may redefine the common ones (conflict_handler="resolve").
@@ -219,6 +246,23 @@ def _add_wait_options(parser: argparse.ArgumentParser, probe_switch: bool, dns_s
                             help="do not wait for the DNS record to point at the devbox")
 
 
+def _add_idle_cooldown(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--idle-cooldown", type=_minutes, default=DEFAULT_IDLE_COOLDOWN, metavar="MIN",
+                        help="a box stopped for idleness less than MIN minutes ago is started only by a person (ssh"
+                             " from a terminal, or `devbox start` within MIN minutes), not by an IDE reconnecting"
+                             f" in the background (default: {DEFAULT_IDLE_COOLDOWN:g}; 0 turns this off)")
+
+
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of minutes: {text!r}") from None
+    if not 0 <= value <= MAX_IDLE_COOLDOWN:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_IDLE_COOLDOWN:g} minutes: {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -281,16 +325,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     """devbox start: start the devbox; with --wait, until it runs and answers on its SSH port."""
     api = _api(args)
-    status = api.start(args.instance_type, rebuild=args.rebuild)
-    if not args.json:
+    status = _start(api, args.instance_type, args.rebuild, report=not args.json)
+    if args.wait:
+        status = _wait_ready(api, _wait_options(args)).status
+    _print_status(status, args.json)
+    return 0
+
+
+def _start(api: DevboxApi, instance_type: Optional[str] = None, rebuild: bool = False,
+           report: bool = True) -> Dict[str, Any]:
+    """A start a person asked for: /start, noted for the proxy's reconnect guard, and what it did."""
+    status = api.start(instance_type, rebuild=rebuild)
+    record_start(api.url)
+    if report:
         # Said before any wait: a relaunch means a new root disk, worth knowing at once.
         for line in start_report(status):
             _print_lines(line)
-    if args.wait:
-        with Progress() as progress:
-            status = wait_until_ready(api, _wait_options(args), progress).status
-    _print_status(status, args.json)
-    return 0
+    return status
+
+
+def _wait_ready(api: DevboxApi, options: WaitOptions) -> Ready:
+    with Progress() as progress:
+        return wait_until_ready(api, options, progress)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -321,7 +377,9 @@ def cmd_ssh_config(args: argparse.Namespace) -> int:
         name=args.host,
         hostname=args.hostname or _managed_dns_name(args, found) or args.host,
         proxy_command=sshconfig.proxy_command(
-            sshconfig.devbox_command(), args.port, block_url, args.profile, args.region
+            sshconfig.devbox_command(), args.port, block_url, args.profile, args.region,
+            # Written only when it differs: a later default then reaches old blocks too.
+            idle_cooldown=None if args.idle_cooldown == DEFAULT_IDLE_COOLDOWN else args.idle_cooldown,
         ),
         user=args.user,
         identity_file=identity,
@@ -331,12 +389,30 @@ def cmd_ssh_config(args: argparse.Namespace) -> int:
     outcome = sshconfig.write_config(path, entry, ssh=ssh)
     if outcome == "unchanged":
         _print_lines(f"{path}: the Host {entry.name} block is up to date")
-        return 0
-    notes = ["ssh -G accepts it" if ssh else "not checked with `ssh -G`: ssh is not installed"]
-    if outcome == "updated":
-        notes.append(f"previous version: {sshconfig.backup_path(Path(os.path.realpath(path)))}")
-    _print_lines(f"{path}: Host {entry.name} block {outcome} ({'; '.join(notes)}); connect with `ssh {entry.name}`")
+    else:
+        notes = ["ssh -G accepts it" if ssh else "not checked with `ssh -G`: ssh is not installed"]
+        if outcome == "updated":
+            notes.append(f"previous version: {sshconfig.backup_path(Path(os.path.realpath(path)))}")
+        _print_lines(f"{path}: Host {entry.name} block {outcome} ({'; '.join(notes)});"
+                     f" connect with `ssh {entry.name}`")
+    if args.vscode or args.vscode_settings:
+        _configure_vscode(args.vscode_settings)
     return 0
+
+
+def _configure_vscode(settings: Optional[str]) -> None:
+    from devbox import vscode
+
+    path = Path(settings).expanduser() if settings else vscode.default_settings_path()
+    edit = vscode.set_connect_timeout(path)
+    if edit.outcome == "manual":
+        _print_lines(f"{path}: not changed ({edit.detail}); add this line to its outer {{ }} yourself:"
+                     f" {vscode.manual_line()}")
+    elif edit.outcome == "unchanged":
+        _print_lines(f"{path}: {edit.detail}")
+    else:
+        kept = f"; previous version: {edit.backup}" if edit.backup else ""
+        _print_lines(f"{path}: {edit.detail}, so VS Code waits for the box to start{kept}")
 
 
 def _url_origin(found: Optional[ApiUrl], written: bool, stage: str) -> str:
@@ -402,11 +478,30 @@ def run_ssh_process(command: List[str]) -> int:
 def cmd_proxy(args: argparse.Namespace) -> int:
     """devbox proxy: ssh's ProxyCommand (see devbox.proxy)."""
     from devbox.proxy import run_proxy
+    from devbox.reconnect import ReconnectGuard
 
-    return run_proxy(_api(args), _wait_options(args))
+    api = _api(args)
+    return run_proxy(api, _wait_options(args), guard=ReconnectGuard(api.url, args.idle_cooldown))
 
 
-def format_status(status: Dict[str, Any], api: Optional[DevboxApi] = None) -> str:
+def cmd_code(args: argparse.Namespace) -> int:
+    """devbox code: start the devbox, wait for SSH, then open VS Code on it; returns the launcher's exit code."""
+    from devbox import sshconfig, vscode
+
+    if not sshconfig.is_host_alias(args.host):
+        raise CliError(f"--host must be a plain alias (letters, digits, . _ -), not {args.host!r}", EXIT_USAGE)
+    # Both checked before the box is started: neither needs it, and a start is not free.
+    launcher = vscode.find_launcher()
+    folder = vscode.remote_folder(args.host, args.path, vscode.ssh_view(args.host))
+    api = _api(args)
+    _start(api)
+    # VS Code reaches the box through the ProxyCommand, which connects to its IP: no DNS wait.
+    _wait_ready(api, replace(_wait_options(args), dns_check=False))
+    _print_lines(f"opening {folder} on {args.host} in VS Code")
+    return vscode.open_remote(vscode.code_command(launcher, args.host, folder))
+
+
+def format_status(status: Dict[str, Any], api: Optional[DevboxApi] = None, now: Optional[datetime] = None) -> str:
     """A short human table of the status document (a malformed one too: odd values are shown, not fatal).
 
     With api, a last row names the API's URL and where it came from.
@@ -425,6 +520,7 @@ def format_status(status: Dict[str, Any], api: Optional[DevboxApi] = None) -> st
         # Only EC2 may start a spot-stopped instance again, whenever capacity returns.
         rows.append(("interrupted", "the spot service stopped this instance; `devbox start` launches a new"
                                     " instance with the same data volume"))
+    rows += _stop_rows(status, now or datetime.now(timezone.utc))
     rows += [
         ("instance", status.get("instance_id")),
         ("type", status.get("instance_type")),
@@ -448,6 +544,28 @@ def format_status(status: Dict[str, Any], api: Optional[DevboxApi] = None) -> st
         rows.append(("api", f"{api.url}/ (from {api.source})"))
     width = max(len(label) for label, _ in rows) + 3
     return "\n".join(f"{label + ':':<{width}}{_cell(value)}" for label, value in rows)
+
+
+def _stop_rows(status: Dict[str, Any], now: datetime) -> List[Any]:
+    """Who stopped the box and when, EC2's reason when nobody is named, and what the idle watcher said."""
+    rows: List[Any] = []
+    stopped_by, reason = status.get("stopped_by"), status.get("state_reason")
+    if stopped_by not in (None, ""):
+        known = STOP_REASONS.get(stopped_by) if isinstance(stopped_by, str) else None
+        rows.append(("stopped by", known or stopped_by))
+    elif reason not in (None, ""):
+        # Not a stop anyone asked for (e.g. a start EC2 could not carry out): its own words.
+        rows.append(("stopped by", f"EC2: {printable(reason)}"))
+    stopped_at = status.get("stopped_at")
+    if stopped_at not in (None, ""):
+        moment = parse_utc(stopped_at)
+        shown = _time(stopped_at)
+        if moment is not None:
+            shown = f"{shown} ({age_text(max(now - moment, timedelta(0)))})"
+        rows.append(("stopped at", shown))
+    if status.get("idle") not in (None, ""):
+        rows.append(("idle", status["idle"]))
+    return rows
 
 
 def _cell(value: Any) -> str:

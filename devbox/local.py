@@ -354,7 +354,9 @@ class LocalStack:
         signer = identity or self.identities[0]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update({"AWS_ACCESS_KEY_ID": signer.access_key, "AWS_SECRET_ACCESS_KEY": signer.secret_key,
-                    "AWS_DEFAULT_REGION": REGION, "DEVBOX_URL": self.url})
+                    "AWS_DEFAULT_REGION": REGION, "DEVBOX_URL": self.url,
+                    # `devbox start` records when it ran (the proxy's reconnect guard): keep that local.
+                    "XDG_STATE_HOME": str(self.workdir / "state")})
         if signer.session_token:
             env["AWS_SESSION_TOKEN"] = signer.session_token
         return env

@@ -31,6 +31,9 @@ FINAL_STATES = ("terminated", "shutting-down")
 # was seen ends the wait only after this many seconds.
 NO_INSTANCE = "none"
 NO_INSTANCE_GRACE = 10.0
+# EC2's state reason when a start fails on an encrypted volume whose KMS key it may not use
+# ("Client.InternalError: Client error on launch"; AWS lists it under "instance terminates immediately").
+KMS_REFUSAL = "Client.InternalError"
 _SPINNER = "|/-\\"
 _TICK = 0.1
 # Names EC2 itself hands out: they follow the address, so there is no record to wait for.
@@ -307,6 +310,18 @@ def _gone(instance_id: Optional[Any], state: str) -> CliError:
     )
 
 
+def stopped_while_starting(status: Dict[str, Any]) -> str:
+    """Why a start fell back to stopped, in EC2's words (its state reason), never a guess."""
+    what = f"the devbox's {instance_label(status)} stopped again while starting"
+    reason = status.get("state_reason")
+    if reason is None or reason == "":
+        return f"{what}; the API gave no reason (`devbox status` shows the box)"
+    said = f"{what}; EC2's reason: {printable(reason)}"
+    if isinstance(reason, str) and reason.startswith(KMS_REFUSAL):
+        said += " (EC2 gives this reason, among others, when it may not use the volumes' KMS key: see KmsKeyId)"
+    return said
+
+
 class _Poller:
     """Status polls with a deadline, tolerating a few failures that pass."""
 
@@ -388,7 +403,7 @@ def wait_until_ready(
                         " `devbox start` launches a new instance with the same data volume",
                         EXIT_CONFLICT,
                     )
-                raise CliError("the devbox stopped again while starting (spot interruption?)", EXIT_CONFLICT)
+                raise CliError(stopped_while_starting(status), EXIT_CONFLICT)
             if state == NO_INSTANCE:
                 waiting_for = "the new instance to appear in the status"
                 progress.waiting("instance launching")

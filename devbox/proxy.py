@@ -1,5 +1,8 @@
 """`devbox proxy`: ssh's ProxyCommand. Starts the devbox, waits for its SSH port, relays bytes.
 
+Before /start it asks devbox.reconnect whether this connect may start a box stopped for
+idleness: an IDE reconnecting in the background may not, a person may.
+
 stdout carries the SSH stream itself, so progress and errors go to stderr only. The relay
 is binary and unbuffered (os.read/os.write on the raw descriptors) and half-closes each
 direction on its own, as `nc -N` does: ssh's EOF reaches the server as a FIN, and the
@@ -13,6 +16,7 @@ from typing import Any, List, Optional
 
 from devbox.api import EXIT_UNREACHABLE, CliError
 from devbox.progress import SSH_CONNECT_TIMEOUT, Progress, WaitOptions, note_start, wait_until_ready
+from devbox.reconnect import ReconnectGuard
 
 # For tests only: connect here (e.g. 127.0.0.1) instead of the address in the status,
 # which under moto is a made-up IP.
@@ -21,13 +25,22 @@ BUFFER_SIZE = 65536
 
 
 def run_proxy(
-    api: Any, options: WaitOptions, progress: Optional[Progress] = None, in_fd: int = 0, out_fd: int = 1
+    api: Any,
+    options: WaitOptions,
+    progress: Optional[Progress] = None,
+    in_fd: int = 0,
+    out_fd: int = 1,
+    guard: Optional[ReconnectGuard] = None,
 ) -> int:
     """Start the devbox (refreshing access for this IP), wait for SSH, then relay in_fd/out_fd over it.
 
     A box with no instance, or one the spot service stopped, gets a new instance from /start
-    (which says so on stderr); the wait then follows that instance.
+    (which says so on stderr); the wait then follows that instance. With a guard, a box stopped
+    for idleness is started only when a person asked (see devbox.reconnect); otherwise the
+    proxy ends with one line saying why, before any /start.
     """
+    if guard is not None:
+        guard.enforce(api.status)
     progress = progress or Progress(quiet_until_waiting=True)
     with progress:
         # /start is idempotent and lets the caller's current IP in, even when already running.

@@ -76,12 +76,18 @@ def proxy_command(
     url: Optional[str] = None,
     profile: Optional[str] = None,
     region: Optional[str] = None,
+    idle_cooldown: Optional[float] = None,
 ) -> str:
-    """The ProxyCommand value: a shell command line that ssh_config splits cleanly, with ssh's % tokens escaped."""
+    """The ProxyCommand value: a shell command line that ssh_config splits cleanly, with ssh's % tokens escaped.
+
+    idle_cooldown (minutes) is written only when given: the proxy's own default applies otherwise.
+    """
     words = [*executable, "proxy", "--port", str(port)]
     for option, value in (("--url", url), ("--profile", profile), ("--region", region)):
         if value:
             words += [option, value]
+    if idle_cooldown is not None:
+        words += ["--idle-cooldown", f"{idle_cooldown:g}"]
     for word in words:
         if not word.isprintable():
             raise CliError(f"the ProxyCommand cannot hold line breaks or control characters: {word!r}", EXIT_USAGE)
@@ -108,9 +114,14 @@ def shell_word(word: str) -> str:
     return "".join(quoted) or "''"
 
 
+def is_host_alias(name: str) -> bool:
+    """True for a plain ssh alias (letters, digits, . _ -; no wildcard, no leading -)."""
+    return bool(_HOST_ALIAS.fullmatch(name))
+
+
 def validate_entry(entry: HostEntry) -> None:
     """Refuse values that ssh_config would read differently from what was meant."""
-    if not _HOST_ALIAS.match(entry.name):
+    if not is_host_alias(entry.name):
         raise CliError(f"--host must be a plain alias (letters, digits, . _ -), not {entry.name!r}", EXIT_USAGE)
     if not _HOST_NAME.match(entry.hostname):
         raise CliError(f"the HostName must be a DNS name or an IP address, not {entry.hostname!r}", EXIT_USAGE)

@@ -25,8 +25,9 @@ CHECKED = "ssh -G accepts it" if shutil.which("ssh") else "not checked with `ssh
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No deployment record or URL from the surroundings."""
+    """No deployment record or URL from the surroundings, and a state folder of the test's own."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.delenv("DEVBOX_URL", raising=False)
     monkeypatch.delenv("DEVBOX_SSH_HOST_OVERRIDE", raising=False)
 
@@ -428,6 +429,24 @@ def test_ssh_config_writes_the_url_of_the_deployment_record(run: Run, tmp_path: 
     assert code == 0, err
     assert out.splitlines()[0] == f"API URL {url} (from {deployed / 'dev.json'}): written into the ProxyCommand"
     assert f"--url {url}\n" in config.read_text()
+
+
+@pytest.mark.parametrize("argv, written", [([], None), (["--idle-cooldown", "60"], None),
+                                           (["--idle-cooldown", "15"], "15"), (["--idle-cooldown", "0"], "0"),
+                                           (["--idle-cooldown", "90.5"], "90.5")])
+def test_ssh_config_writes_the_idle_cooldown_only_when_not_the_default(
+    run: Run, tmp_path: Path, argv: List[str], written: Optional[str]
+) -> None:
+    config = tmp_path / "config"
+
+    code, out, err = run("ssh-config", "--config", str(config), "--hostname", "devbox.example.com", *argv)
+
+    assert code == 0, err
+    proxy_line = next(line for line in config.read_text().splitlines() if "ProxyCommand" in line)
+    if written is None:
+        assert "--idle-cooldown" not in proxy_line
+    else:
+        assert proxy_line.endswith(f" proxy --port 22 --idle-cooldown {written}")
 
 
 def test_ssh_config_twice_reports_up_to_date(run: Run, tmp_path: Path) -> None:

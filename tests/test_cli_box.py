@@ -3,6 +3,7 @@
 The API is faked at the HTTP level (tests.test_api.FakeApi); the waits run on a fake clock.
 """
 import json
+from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List
 
 import pytest
@@ -232,6 +233,9 @@ def test_status_from_a_server_without_market_shows_the_lifecycle(fake_api: FakeA
          "estimated_cost": {"total": None}},
         {"launch_time": "not a time", "last_interruption": {"when": "2024-04-30T22:15:00Z", "what": None}},
         {"public_ip": 5, "dns_name": ["a"]},
+        {"state": "stopped", "stopped_by": {"who": "idle"}, "stopped_at": 1714557600, "state_reason": ["x"]},
+        {"state": "stopped", "stopped_by": "aliens", "stopped_at": "not a time", "idle": {"since": None}},
+        {"state": "stopped", "stopped_by": None, "stopped_at": ["2026"], "state_reason": 42, "idle": 0},
     ],
 )
 def test_a_malformed_status_is_shown_without_crashing(changes: Dict[str, Any]) -> None:
@@ -252,6 +256,120 @@ def test_escape_sequences_in_the_status_are_shown_escaped(fake_api: FakeApi, run
     lines = out.splitlines()
     assert lines[0] == "box:                dev\\x1b[2Jbox"
     assert "last interruption:  2024-04-30 22:15:00 UTC stop\\x1b]0;pwned\\x07\\nnext" in lines
+
+
+# --- devbox status: who stopped the box, and what the idle watcher says ------------------------------------
+
+NOW = datetime(2026, 11, 29, 12, 18, tzinfo=timezone.utc)
+
+
+def stopped_doc(**changes: Any) -> Dict[str, Any]:
+    fields: Dict[str, Any] = {"state": "stopped", "public_ip": None, "dns_name": None, "launch_time": None,
+                              "state_reason": None, "stopped_by": None, "stopped_at": None, "idle": None, **changes}
+    return status_doc(**fields)
+
+
+def test_status_of_a_box_stopped_for_idleness_says_who_and_when(fake_api: FakeApi, run: Run) -> None:
+    stopped_at = (datetime.now(timezone.utc) - timedelta(minutes=14)).replace(microsecond=0)
+    fake_api.answer("GET", "/status", (200, stopped_doc(
+        stopped_by="idle", stopped_at=stopped_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        state_reason="Client.InstanceInitiatedShutdown: Instance initiated shutdown")))
+
+    code, out, _ = run("status", "--url", fake_api.url)
+
+    assert code == 0
+    assert out.splitlines()[1:4] == [
+        "state:        stopped",
+        "stopped by:   idle (the box's idle watcher shut it down)",
+        f"stopped at:   {stopped_at:%Y-%m-%d %H:%M:%S} UTC (14 min ago)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "by, said",
+    [
+        ("user", "user (a stop through the API, `devbox stop`, or the EC2 console)"),
+        ("max-runtime", "max-runtime (it ran longer than MAX_RUNTIME_HOURS)"),
+        ("spot", "spot (the spot service took the capacity back)"),
+        ("a later reason", "a later reason"),
+    ],
+)
+def test_status_names_each_stop_reason(by: str, said: str) -> None:
+    lines = cli.format_status(stopped_doc(stopped_by=by, stopped_at="2026-11-29T09:18:00Z"), now=NOW).splitlines()
+
+    assert f"stopped by:   {said}" in lines
+    assert "stopped at:   2026-11-29 09:18:00 UTC (3 h 00 min ago)" in lines
+
+
+def test_status_of_a_start_ec2_could_not_carry_out_gives_ec2s_reason() -> None:
+    document = stopped_doc(state_reason="Client.InternalError: Client error on launch")
+
+    lines = cli.format_status(document, now=NOW).splitlines()
+
+    assert "stopped by:   EC2: Client.InternalError: Client error on launch" in lines
+    assert not any(line.startswith("stopped at:") for line in lines)
+
+
+def test_status_of_a_running_box_shows_what_the_idle_watcher_said(fake_api: FakeApi, run: Run) -> None:
+    fake_api.answer("GET", "/status", (200, status_doc(
+        idle="idle since 2026-11-29T11:50:00Z, stops at 2026-11-29T12:20:00Z", stopped_by=None, stopped_at=None,
+        state_reason=None)))
+
+    code, out, _ = run("status", "--url", fake_api.url)
+
+    assert code == 0
+    assert out.splitlines()[1:3] == [
+        "state:        running",
+        "idle:         idle since 2026-11-29T11:50:00Z, stops at 2026-11-29T12:20:00Z",
+    ]
+    assert not any(line.startswith("stopped") for line in out.splitlines())
+
+
+# --- a start that falls back to stopped (devbox.progress) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reason, said",
+    [
+        ("Client.InternalError: Client error on launch",
+         "; EC2's reason: Client.InternalError: Client error on launch (EC2 gives this reason, among others, when it"
+         " may not use the volumes' KMS key: see KmsKeyId)"),
+        ("Server.InsufficientInstanceCapacity: Insufficient capacity",
+         "; EC2's reason: Server.InsufficientInstanceCapacity: Insufficient capacity"),
+        (None, "; the API gave no reason (`devbox status` shows the box)"),
+        ({"code": 1}, "; EC2's reason: {'code': 1}"),
+    ],
+)
+def test_a_start_that_falls_back_to_stopped_gives_ec2s_reason_not_a_guess(reason: Any, said: str) -> None:
+    clock = Clock()
+    progress, _ = waiting(clock)
+    source = Script(status_doc(instance_id=NEW, state="pending"),
+                    stopped_doc(instance_id=NEW, state_reason=reason))
+
+    with pytest.raises(CliError) as caught:
+        wait_until_ready(source, WaitOptions(), progress, clock=clock)
+
+    assert caught.value.exit_code == api.EXIT_CONFLICT
+    assert caught.value.message == f"the devbox's instance {NEW} stopped again while starting" + said
+    assert "spot interruption?" not in caught.value.message
+
+
+def test_start_wait_and_ssh_end_with_ec2s_reason_in_one_line(fake_api: FakeApi, run: Run,
+                                                             ssh_calls: List[List[str]]) -> None:
+    fake_api.answer("POST", "/start", (200, started("start", "stopped")))
+    fake_api.answer("GET", "/status", (200, status_doc(state="pending")),
+                    (200, stopped_doc(state_reason="Client.InternalError: Client error on launch")))
+
+    for command in (["start", "--wait"], ["ssh"]):
+        code, _, err = run(*command, "--poll-interval", "0", "--url", fake_api.url)
+
+        assert code == api.EXIT_CONFLICT
+        assert err.splitlines()[-1].startswith(
+            "devbox: the devbox's instance i-0123456789abcdef0 stopped again while starting; EC2's reason:"
+            " Client.InternalError: Client error on launch")
+        fake_api.answer("GET", "/status", (200, status_doc(state="pending")),
+                        (200, stopped_doc(state_reason="Client.InternalError: Client error on launch")))
+    assert ssh_calls == []
 
 
 # --- waiting after a relaunch (devbox.progress) -------------------------------------------------------

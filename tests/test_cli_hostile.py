@@ -67,6 +67,51 @@ def test_status_table_shows_every_hostile_field_escaped_on_its_own_row(fake_api:
     )
 
 
+def test_stop_reason_and_idle_rows_show_hostile_fields_escaped_each_on_its_own_row(fake_api: FakeApi,
+                                                                                   run: Run) -> None:
+    fake_api.answer("GET", "/status", (200, status_doc(
+        state="stopped", stopped_by="idle" + HOSTILE, stopped_at="2026-11-29T12:00:00Z" + HOSTILE,
+        state_reason="because" + HOSTILE, idle="busy: " + HOSTILE)))
+
+    code, out, err = run("status", "--url", fake_api.url)
+
+    assert (code, err) == (0, "")
+    assert_inert(out)
+    rows = {line.split(":")[0]: line for line in out.splitlines()}
+    assert rows["stopped by"] == "stopped by:   idle" + api.printable(HOSTILE)
+    assert rows["stopped at"] == "stopped at:   2026-11-29T12:00:00Z" + api.printable(HOSTILE)
+    assert rows["idle"] == "idle:         busy: " + api.printable(HOSTILE)
+    assert len(out.splitlines()) == 13
+
+
+def test_a_hostile_state_reason_ends_start_wait_in_one_escaped_line(fake_api: FakeApi, run: Run) -> None:
+    fake_api.answer("POST", "/start", (200, status_doc(state="pending")))
+    fake_api.answer("GET", "/status", (200, status_doc(state="pending")),
+                    (200, status_doc(state="stopped", state_reason="Client.InternalError" + HOSTILE)))
+
+    code, out, err = run("start", "--wait", "--poll-interval", "0", "--url", fake_api.url)
+
+    assert code == api.EXIT_CONFLICT
+    assert_inert(err)
+    assert err.splitlines()[-1].startswith("devbox: the devbox's instance i-0123456789abcdef0 stopped again while"
+                                           " starting; EC2's reason: Client.InternalError" + api.printable(HOSTILE))
+
+
+def test_a_hostile_idle_stop_time_in_the_proxy_refusal_is_escaped(fake_api: FakeApi) -> None:
+    fake_api.answer("GET", "/status", (200, status_doc(state="stopped", stopped_by="idle",
+                                                       stopped_at="soon" + HOSTILE)))
+
+    result = run_proxy(fake_api.url, 22, "--host-override", "127.0.0.1")
+
+    assert result.returncode == api.EXIT_CONFLICT
+    assert_inert(result.stderr.decode())
+    assert result.stderr.decode().splitlines() == [
+        f"devbox: the box stopped itself for idleness at soon{api.printable(HOSTILE)}; not restarting it for a"
+        " background reconnect. Start it with `devbox start` (or ssh from a terminal)"
+    ]
+    assert fake_api.calls() == ["GET /status"]
+
+
 def test_status_json_stays_json_with_the_escapes_encoded(fake_api: FakeApi, run: Run) -> None:
     document = hostile_status()
     fake_api.answer("GET", "/status", (200, document))
@@ -167,7 +212,8 @@ def test_ssh_progress_shows_hostile_fields_escaped(
 def test_proxy_progress_on_stderr_shows_hostile_fields_escaped(fake_api: FakeApi, sshd: SshLikeServer) -> None:
     pending = hostile_status(state="pending", public_ip=None, dns_name=None)
     fake_api.answer("POST", "/start", (200, {**pending, "action": "relaunch", "reason": HOSTILE, "tried": [OSC52]}))
-    fake_api.answer("GET", "/status", (200, pending), (200, hostile_status()))
+    fake_api.answer("GET", "/status", (200, hostile_status(state="stopped", stopped_by="user")), (200, pending),
+                    (200, hostile_status()))
 
     result = run_proxy(fake_api.url, sshd.port, "--host-override", "127.0.0.1", data=b"hello\n")
 
@@ -179,6 +225,7 @@ def test_proxy_progress_on_stderr_shows_hostile_fields_escaped(fake_api: FakeApi
 
 
 def test_proxy_error_line_from_the_api_is_escaped(fake_api: FakeApi) -> None:
+    fake_api.answer("GET", "/status", (200, status_doc(state="stopping")))
     fake_api.answer("POST", "/start", (409, {"Code": "Conflict", "Message": OSC52 + "it is stopping" + FORGED_ROW}))
 
     result = run_proxy(fake_api.url, 22, "--host-override", "127.0.0.1")

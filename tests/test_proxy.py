@@ -1,12 +1,14 @@
 """`devbox proxy` as a real subprocess: the fake API says running, a local TCP server plays sshd."""
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
@@ -14,6 +16,9 @@ from devbox import api
 from tests.test_api import FakeApi, fake_api, free_port, no_instance_doc, status_doc  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
+# The proxies started here read it (a marker of a recent `devbox start`); nothing writes it.
+STATE_HOME = Path(tempfile.mkdtemp(prefix="devbox-test-state-"))
+atexit.register(shutil.rmtree, STATE_HOME, True)
 BANNER = b"SSH-2.0-FakeServer_1.0\r\n"
 # Every byte value, many times: the relay must be binary-clean and survive partial writes.
 PAYLOAD = bytes(range(256)) * 4096
@@ -69,28 +74,40 @@ def sshd() -> Iterator[SshLikeServer]:
 def child_env(**extra: str) -> Dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "DEVBOX_SSH_HOST_OVERRIDE"}
     env["PYTHONPATH"] = str(ROOT)
+    # No marker of a `devbox start` from this machine's real state folder.
+    env["XDG_STATE_HOME"] = str(STATE_HOME)
     env.update(extra)
     return env
 
 
+def user_stopped_doc() -> Dict[str, Any]:
+    """What the proxy reads before /start when it runs without a terminal: a box its user stopped."""
+    return status_doc(state="stopped", public_ip=None, dns_name=None, launch_time=None, stopped_by="user",
+                      stopped_at="2024-05-01T09:00:00Z", state_reason="Client.UserInitiatedShutdown: User initiated"
+                      " shutdown")
+
+
 def run_proxy(url: str, port: int, *options: str, data: bytes = b"", env: Optional[Dict[str, str]] = None
               ) -> "subprocess.CompletedProcess[bytes]":
+    """`devbox proxy` as ssh runs it from an IDE: no controlling terminal (a session of its own)."""
     command = [sys.executable, "-m", "devbox", "proxy", "--url", url, "--port", str(port),
                "--poll-interval", "0.01", *options]
-    return subprocess.run(command, input=data, capture_output=True, timeout=20, env=env or child_env(), cwd=ROOT)
+    return subprocess.run(command, input=data, capture_output=True, timeout=20, env=env or child_env(), cwd=ROOT,
+                          start_new_session=True)
 
 
 def test_stdin_reaches_the_server_and_its_answer_comes_back_on_stdout(fake_api: FakeApi, sshd: SshLikeServer) -> None:
     fake_api.answer("POST", "/start", (200, status_doc(state="pending", public_ip=None, dns_name=None)))
-    fake_api.answer("GET", "/status", (200, status_doc(state="pending", public_ip=None, dns_name=None)),
-                    (200, status_doc()))
+    fake_api.answer("GET", "/status", (200, user_stopped_doc()),
+                    (200, status_doc(state="pending", public_ip=None, dns_name=None)), (200, status_doc()))
 
     result = run_proxy(fake_api.url, sshd.port, "--host-override", "127.0.0.1", data=PAYLOAD)
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == BANNER + PAYLOAD
     assert sshd.received == [PAYLOAD]
-    assert fake_api.calls() == ["POST /start", "GET /status", "GET /status"]
+    # Without a terminal the proxy first reads why the box is stopped (devbox.reconnect).
+    assert fake_api.calls() == ["GET /status", "POST /start", "GET /status", "GET /status"]
     progress = result.stderr.decode()
     assert "devbox: waiting: instance i-0123456789abcdef0 pending" in progress
     assert f"SSH port reachable (127.0.0.1:{sshd.port})" in progress
@@ -127,7 +144,7 @@ def test_a_box_that_needs_a_new_instance_gets_one_and_is_proxied(
     pending = status_doc(instance_id=new, state="pending", public_ip=None, dns_name=None)
     fake_api.answer("POST", "/start", (200, {**pending, "action": action, "reason": reason,
                                              "tried": ["t3.large spot in subnet-0aaa: InsufficientInstanceCapacity"]}))
-    fake_api.answer("GET", "/status", (200, pending), (200, status_doc(instance_id=new)))
+    fake_api.answer("GET", "/status", (200, user_stopped_doc()), (200, pending), (200, status_doc(instance_id=new)))
 
     result = run_proxy(fake_api.url, sshd.port, "--host-override", "127.0.0.1", data=b"hello\n")
 
@@ -146,7 +163,7 @@ def test_a_new_instance_that_vanishes_ends_the_proxy_with_one_line(fake_api: Fak
     new = "i-0fedcba9876543210"
     pending = status_doc(instance_id=new, state="pending", public_ip=None, dns_name=None)
     fake_api.answer("POST", "/start", (200, {**pending, "action": "relaunch", "reason": "rebuild", "tried": []}))
-    fake_api.answer("GET", "/status", (200, pending), (200, no_instance_doc()))
+    fake_api.answer("GET", "/status", (200, no_instance_doc()), (200, pending), (200, no_instance_doc()))
 
     result = run_proxy(fake_api.url, 22, "--host-override", "127.0.0.1")
 
@@ -155,6 +172,23 @@ def test_a_new_instance_that_vanishes_ends_the_proxy_with_one_line(fake_api: Fak
     assert result.stderr.decode().splitlines()[-1] == (
         f"devbox: the devbox's instance {new} is gone (EC2 terminated it; the spot service may have taken the"
         " capacity back at launch); `devbox start` launches a new one with the same data volume"
+    )
+
+
+def test_a_start_that_falls_back_to_stopped_ends_the_proxy_with_ec2s_reason(fake_api: FakeApi) -> None:
+    fallback = status_doc(state="stopped", public_ip=None, dns_name=None,
+                          state_reason="Client.InternalError: Client error on launch")
+    fake_api.answer("GET", "/status", (200, user_stopped_doc()), (200, status_doc(state="pending")), (200, fallback))
+    fake_api.answer("POST", "/start", (200, status_doc(state="pending")))
+
+    result = run_proxy(fake_api.url, 22, "--host-override", "127.0.0.1")
+
+    assert result.returncode == api.EXIT_CONFLICT
+    assert result.stdout == b""
+    assert result.stderr.decode().splitlines()[-1] == (
+        "devbox: the devbox's instance i-0123456789abcdef0 stopped again while starting; EC2's reason:"
+        " Client.InternalError: Client error on launch (EC2 gives this reason, among others, when it may not use"
+        " the volumes' KMS key: see KmsKeyId)"
     )
 
 
@@ -194,6 +228,7 @@ def test_a_closed_port_without_probe_fails_with_one_line(fake_api: FakeApi) -> N
 def test_api_errors_end_the_proxy_with_one_line_for_ssh_to_show(
     fake_api: FakeApi, status: int, message: str, exit_code: int
 ) -> None:
+    fake_api.answer("GET", "/status", (200, user_stopped_doc()))
     fake_api.answer("POST", "/start", (status, {"Code": "X", "Message": message}))
 
     result = run_proxy(fake_api.url, 22, "--host-override", "127.0.0.1")

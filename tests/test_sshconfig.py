@@ -293,6 +293,9 @@ def test_proxy_command_runs_this_devbox_executable(tmp_path: Path) -> None:
 
 def test_proxy_command_passes_url_profile_and_region_only_when_given() -> None:
     assert sshconfig.proxy_command(["/bin/devbox"], 22) == "/bin/devbox proxy --port 22"
+    assert sshconfig.proxy_command(["/bin/devbox"], 22, idle_cooldown=0) == (
+        "/bin/devbox proxy --port 22 --idle-cooldown 0"
+    )
     assert sshconfig.proxy_command(["/bin/devbox"], 2222, url="https://a.example.com/api/", region="eu-west-1") == (
         "/bin/devbox proxy --port 2222 --url https://a.example.com/api/ --region eu-west-1"
     )
@@ -333,6 +336,18 @@ def test_awkward_words_reach_the_proxy_intact_through_ssh_config_and_the_shell(t
     assert proxycommand == command
     expected = ["proxy", "--port", "22", "--url", url] + (["--profile", word, "--region", word] if word else [])
     assert run_proxy_command(proxycommand) == expected
+
+
+@needs_ssh
+def test_an_idle_cooldown_reaches_the_proxy_through_ssh_config_and_the_shell(tmp_path: Path) -> None:
+    command = sshconfig.proxy_command(ECHO_ARGS, 22, "https://x.example.com/api", profile="it's", idle_cooldown=7.5)
+    config = tmp_path / "config"
+
+    sshconfig.write_config(config, HostEntry(name="devbox", hostname="devbox", proxy_command=command))
+
+    assert run_proxy_command(ssh_g(config)["proxycommand"]) == [
+        "proxy", "--port", "22", "--url", "https://x.example.com/api", "--profile", "it's", "--idle-cooldown", "7.5"
+    ]
 
 
 @needs_ssh
