@@ -133,21 +133,19 @@ def _hours(env: Mapping[str, str], name: str, default: Optional[float]) -> Optio
 
 
 def _instance_types(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
-    raw = env.get(name, "")
-    types = tuple(t.strip() for t in raw.split(",") if t.strip())
-    for value in types:
-        if not _INSTANCE_TYPE.match(value):
-            raise _malformed(name, raw, "it must be instance types such as t3.large,m6i.xlarge")
-    return types
+    return _listed(env, name, _INSTANCE_TYPE, "instance types such as t3.large,m6i.xlarge")
 
 
 def _subnets(env: Mapping[str, str], name: str) -> Tuple[str, ...]:
+    return _listed(env, name, _SUBNET_ID, "subnet ids such as subnet-0123456789abcdef0,subnet-...")
+
+
+def _listed(env: Mapping[str, str], name: str, pattern: "re.Pattern[str]", what: str) -> Tuple[str, ...]:
     raw = env.get(name, "")
-    subnets = tuple(s.strip() for s in raw.split(",") if s.strip())
-    for value in subnets:
-        if not _SUBNET_ID.match(value):
-            raise _malformed(name, raw, "it must be subnet ids such as subnet-0123456789abcdef0,subnet-...")
-    return subnets
+    values = tuple(v.strip() for v in raw.split(",") if v.strip())
+    if any(not pattern.match(value) for value in values):
+        raise _malformed(name, raw, f"it must be {what}")
+    return values
 
 
 def _boolean(env: Mapping[str, str], name: str, default: bool) -> bool:

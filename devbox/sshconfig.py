@@ -243,7 +243,7 @@ def write_config(path: Path, entry: HostEntry, ssh: Optional[str] = "ssh") -> st
     if original == updated:
         return "unchanged"
     program = shutil.which(ssh) if ssh else None
-    candidate = _write_temporary(target, updated)
+    candidate = write_temporary(target, updated)
     try:
         if program:
             check_config(program, candidate, entry, shown=path)
@@ -305,15 +305,15 @@ def _reads_as(key: str, got: Optional[str], meant: str) -> bool:
     return got == meant
 
 
-def _write_temporary(path: Path, data: bytes) -> Path:
-    # mkstemp creates the file 0600, next to path so that the rename stays on one file system.
+def write_temporary(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    """data in a new file next to path (so a rename to path stays on one file system), flushed to disk."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o600)
+        os.chmod(temporary, mode)
     except BaseException:
         _remove(Path(temporary))
         raise
@@ -322,7 +322,7 @@ def _write_temporary(path: Path, data: bytes) -> Path:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     # The rename makes a half-written file impossible.
-    temporary = _write_temporary(path, data)
+    temporary = write_temporary(path, data)
     try:
         os.replace(temporary, path)
     except BaseException:

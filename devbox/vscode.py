@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -257,24 +256,18 @@ def _check_edit(before: Dict[str, Any], edited: str, seconds: int) -> Optional[s
 
 
 def _write_atomically(path: Path, data: bytes, mode_from: Path) -> None:
-    # Next to the file, so that the rename stays on one file system and no reader sees half a file.
+    # Written next to the file, then renamed over it: no reader sees half a file.
+    from devbox.sshconfig import write_temporary
+
     try:
         mode = os.stat(mode_from).st_mode & 0o777
     except FileNotFoundError:
         mode = 0o644
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    temporary = write_temporary(path, data, mode)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
+        temporary.unlink(missing_ok=True)
         raise
 
 
