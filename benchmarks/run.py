@@ -24,7 +24,7 @@ import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -185,6 +185,13 @@ def _walk(app: _Recorder, caller: Callable[[str], None]) -> None:
     app.start("POST /start (running box, caller allowed)", "none")
     caller("198.51.100.9")
     app.start("POST /start (running box, new caller)", "none")
+    # The group at its quota of 60 inbound rules: a new caller evicts the oldest caller (two rules) first.
+    fillers = _fill_group(box, 28)
+    caller("198.51.100.77")
+    app.start("POST /start (full group, new caller: evicts oldest)", "none")
+    _expect(len(box.rules()) == 60 and "192.0.2.1/32" not in box.rule_cidrs(),
+            "the start on a full group did not evict the oldest caller and stay at 60 rules")
+    _unfill_group(box, fillers + ["198.51.100.77/32"])
     app.stop("POST /stop (running box)")
     app.stop("POST /stop (stopped box)")
     app.status(probe="stopped box")
@@ -223,6 +230,29 @@ def _walk(app: _Recorder, caller: Callable[[str], None]) -> None:
     fourth = app.relaunched(name, third, doc)
     app.event("on_running", fourth, "running")
     _expect(app.holder() == fourth, "the data volume did not follow the rebuild")
+
+
+def _fill_group(box: Any, callers: int) -> List[str]:
+    """Add the pairs of callers 192.0.2.1.. as the app does, stamped older than anyone else; their CIDRs."""
+    cidrs = []
+    oldest = datetime.now(timezone.utc) - timedelta(hours=1)
+    for n in range(1, callers + 1):
+        cidr = f"192.0.2.{n}/32"
+        at = (oldest + timedelta(seconds=n)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        description = f"devbox-access for=192.0.2.{n} at={at}"
+        ranges = [{"CidrIp": cidr, "Description": description}]
+        box.ec2.authorize_security_group_ingress(GroupId=box.group_id, IpPermissions=[
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": ranges},
+            {"IpProtocol": "icmp", "FromPort": 8, "ToPort": -1, "IpRanges": ranges}])
+        cidrs.append(cidr)
+    return cidrs
+
+
+def _unfill_group(box: Any, cidrs: List[str]) -> None:
+    """Revoke the rules of these CIDRs still in the group, so the walk goes on as before."""
+    ids = [r["SecurityGroupRuleId"] for r in box.rules() if r.get("CidrIpv4") in cidrs]
+    if ids:
+        box.ec2.revoke_security_group_ingress(GroupId=box.group_id, SecurityGroupRuleIds=ids)
 
 
 _COLD = r'''
@@ -566,6 +596,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "housekeeping always describes the box's instances now: it finishes relaunches that were cut off",
                 "GET /status and POST /start make their first two reads (DescribeInstances, "
                 "DescribeSecurityGroupRules) side by side: listed in that order, they cost one round trip",
+                "a start on a full group evicts the oldest caller (one RevokeSecurityGroupIngress) before it adds; "
+                "when starts race for the group, a start also reads the group again after three callers in a row "
+                "were taken by others or after AWS refused its add (RulesPerSecurityGroupLimitExceeded)",
             ]
     if "cold" not in args.skip:
         report["cold_start"] = cold_start(args.runs)

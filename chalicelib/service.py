@@ -108,34 +108,37 @@ def start(
     """Let the caller in (pruning expired access) and get the box running.
 
     Calls: describe the box's instances, describe rules, then only what is needed: revoke,
-    authorize, refresh (access); start, resize in place, or launch and retire (instances);
-    find, create, attach (data volume).
+    authorize, refresh (access; more reads and evictions when other starts race for a full
+    group); start, resize in place, or launch and retire (instances); find, create, attach
+    (data volume).
     """
     network = access.caller_network(source_ip)
     wanted_type = validate_instance_type(config, instance_type)
     wants_rebuild = validate_rebuild(rebuild)
-    now = now or _now()
     view, rules = _side_by_side(lambda: box.describe_box(ec2, box_name),
                                 lambda: access.describe_rules(ec2, config.security_group_id))
+    # Taken after the reads: the caller's rules are stamped from it, and a full group evicts by
+    # those stamps, so they should be as late as they can be.
+    now = now or _now()
     plan = box.plan_start(view, wanted_type, wants_rebuild, config.allowed_instance_types)
     # On a cold start the caller's surviving rules are re-stamped: a stopped event being
     # handled right now revokes only rules older than itself, so this session keeps access.
-    access_plan = access.plan_access(
-        rules, network, access.session_permissions(network, config.ssh_port, now), now,
-        timedelta(hours=config.access_ttl_hours), config.rule_quota, restamp_caller=plan.action != "none",
+    granted = access.let_caller_in(
+        ec2, config.security_group_id, rules, network, config.ssh_port, now, timedelta(hours=config.access_ttl_hours),
+        config.rule_quota, restamp_caller=plan.action != "none",
     )
-    access.revoke_rules(ec2, config.security_group_id, access_plan.revoke)
-    added = access.allow_caller(ec2, config.security_group_id, access_plan.add)
+    if granted.attempts > 1:
+        log.info("%s: the group was full while other callers were let in; let %s in at plan %d",
+                 box_name, network, granted.attempts)
     try:
-        access.refresh_rules(ec2, config.security_group_id, access_plan.refresh, network, now)
         current, state, extra = _carry_out(ec2, config, box_name, view, plan, now)
     except Exception:
         # Nothing half-done: the rule exists only for the session that failed to start.
         with deadline.cleanup():
-            access.revoke_permissions(ec2, config.security_group_id, added)
+            access.revoke_permissions(ec2, config.security_group_id, granted.added)
         raise
-    allowed = set(access.allowed_cidrs(rules)) - {r.cidr for r in access_plan.revoke}
-    if added:
+    allowed = set(access.allowed_cidrs(granted.rules)) - {r.cidr for r in granted.gone}
+    if granted.added:
         allowed.add(str(network))
     doc = _document(box_name, current, config, allowed, state=state)
     doc.update({"action": plan.action, "reason": plan.reason, **extra})
