@@ -86,6 +86,9 @@ def make_server(app: Any, config: Any, host: str, port: int, keys: KeyTable, reg
     warnings.filterwarnings("ignore", message="IAMAuthorizer is not a supported in local mode")
     server = local.create_local_server(app, config, host, port)
     server.server.RequestHandlerClass = functools.partial(SigV4Handler, app_object=app, config=config)
+    # socketserver listens with a backlog of 5: a burst of callers (the load test) got connections
+    # reset. Listening again on a bound socket only sets the new backlog.
+    server.server.socket.listen(128)
     return server
 
 
