@@ -26,6 +26,8 @@ else:
     EC2Client = Any
 
 BOX_TAG = "devbox:box"
+# The IAM identity a fleet box belongs to (FLEET=true); absent on a single box.
+OWNER_TAG = "devbox:owner"
 # When the app launched the instance (microseconds): the order of launches even within a second.
 LAUNCHED_TAG = "devbox:launched"
 RETIRED_TAG = "devbox:retired"
@@ -90,10 +92,17 @@ class BoxView:
         return next((i for i in self.instances if i["InstanceId"] == instance_id), None)
 
 
-def describe_box(ec2: EC2Client, name: str) -> BoxView:
-    """The box's instances, found by tag (one DescribeInstances call, paged)."""
+def describe_box(ec2: EC2Client, name: str, owner: Optional[str] = None) -> BoxView:
+    """The box's instances, found by tag (one DescribeInstances call, paged).
+
+    ``name`` may hold EC2's filter wildcard (``fleet/*``: every box of a fleet); with ``owner``,
+    only instances tagged with that owner (``devbox:owner``).
+    """
     found: List[Dict[str, Any]] = []
-    kwargs: Dict[str, Any] = {"Filters": [{"Name": f"tag:{BOX_TAG}", "Values": [name]}]}
+    filters = [{"Name": f"tag:{BOX_TAG}", "Values": [name]}]
+    if owner is not None:
+        filters.append({"Name": f"tag:{OWNER_TAG}", "Values": [owner]})
+    kwargs: Dict[str, Any] = {"Filters": filters}
     try:
         while True:
             page = ec2.describe_instances(**kwargs)
@@ -238,12 +247,15 @@ class LaunchSpec:
     launch_template_id: str
     security_group_id: str
     volume_id: Optional[str] = None
+    owner: Optional[str] = None
 
 
 def run_instance(ec2: EC2Client, spec: LaunchSpec, attempt: Attempt, token: str) -> Dict[str, Any]:
     """One RunInstances call from the launch template; returns the instance described."""
     instance_tags = [{"Key": BOX_TAG, "Value": spec.box_name}, {"Key": "Name", "Value": spec.box_name},
                      {"Key": LAUNCHED_TAG, "Value": datetime.now(timezone.utc).strftime(_STAMP_FORMAT)}]
+    if spec.owner:
+        instance_tags.append({"Key": OWNER_TAG, "Value": spec.owner})
     if spec.volume_id:
         # The boot script reads this tag (instance metadata) to find the data volume.
         instance_tags.append({"Key": VOLUME_TAG, "Value": spec.volume_id})

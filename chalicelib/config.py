@@ -15,6 +15,7 @@ log = logging.getLogger("devbox")
 
 _BOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TEMPLATE_ID = re.compile(r"^lt-[0-9a-f]{8,17}$")
+_VPC_ID = re.compile(r"^vpc-[0-9a-f]{8,17}$")
 _SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 # A key ARN, not an alias: the IAM policy names the key, and grants follow the key.
 _KMS_KEY = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[0-9a-f-]{36}$")
@@ -23,6 +24,9 @@ _ZONE_ID = re.compile(r"^(/hostedzone/)?[A-Z0-9]{1,32}$")
 # A DNS name of labels 1-63 long, 253 characters at most, no trailing dot needed.
 _TOPIC = re.compile(r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+_TABLE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
+# Glob patterns on IAM identities (ARNs): fnmatch's * ? [ ] and the characters of ARNs.
+_OWNER_PATTERN = re.compile(r"^[A-Za-z0-9:/_+=.,@*?\[\]!-]{1,512}$")
 _DOMAIN = re.compile(r"^(?=.{1,253}\.?$)([a-zA-Z0-9_]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}\.?$")
 
 
@@ -46,6 +50,16 @@ class Config:
     max_runtime_hours: Optional[float] = None
     notify_topic_arn: Optional[str] = None
     allowed_instance_types: Tuple[str, ...] = ()
+    # A box per caller (FLEET=true): BOX_NAME then names the fleet, each box is <fleet>/<owner slug>.
+    fleet: bool = False
+    owner_key: str = "identity"
+    allowed_owners: Tuple[str, ...] = ()
+    admin_owners: Tuple[str, ...] = ()
+    max_boxes: int = 20
+    boxes_table: Optional[str] = None
+    # Set per request for a fleet box (never from the environment): its owner, tagged on its instances.
+    box_owner: Optional[str] = None
+    vpc_id: Optional[str] = None
 
     @property
     def dns_managed(self) -> bool:
@@ -66,12 +80,31 @@ class Config:
                 "INSTANCE_ID is no longer used: the box's instances are found by their devbox:box tag. "
                 "Set BOX_NAME and LAUNCH_TEMPLATE_ID instead (`devbox deploy` records them) and remove INSTANCE_ID"
             )
+        fleet = _boolean(env, "FLEET", False)
+        table = _optional(env, "BOXES_TABLE", _TABLE, "a DynamoDB table name such as devbox-boxes")
+        if fleet and not table:
+            raise ConfigError("FLEET=true needs BOXES_TABLE, the stack's DynamoDB table (`devbox deploy` records it)")
+        if fleet and zone and domain and len(domain.rstrip(".")) > 253 - 41:
+            raise ConfigError("DOMAIN_NAME is too long for <owner>.DOMAIN_NAME records: at most 212 characters")
+        owner_key = env.get("OWNER_KEY", "").strip().lower() or "identity"
+        if owner_key not in ("identity", "role"):
+            raise _malformed("OWNER_KEY", owner_key, "it must be identity (a box per user or role session) "
+                             "or role (a box per role)")
         return cls(
+            fleet=fleet,
+            owner_key=owner_key,
+            allowed_owners=_listed(env, "ALLOWED_OWNERS", _OWNER_PATTERN,
+                                   "IAM identity patterns such as arn:aws:iam::123456789012:user/*"),
+            admin_owners=_listed(env, "ADMIN_OWNERS", _OWNER_PATTERN,
+                                 "IAM identity patterns such as arn:aws:iam::123456789012:user/alice"),
+            max_boxes=_integer(env, "MAX_BOXES", 20, 1, 1000),
+            boxes_table=table,
             box_name=_required(env, "BOX_NAME", _BOX_NAME, "a box name such as devbox (letters, digits, . _ -)"),
             launch_template_id=_required(env, "LAUNCH_TEMPLATE_ID", _TEMPLATE_ID,
                                          "a launch template id such as lt-0123456789abcdef0"),
             security_group_id=_required(env, "SECURITY_GROUP_ID", _GROUP_ID, "a security group id such as sg-0123456789abcdef0"),
             subnet_ids=_subnets(env, "SUBNET_IDS"),
+            vpc_id=_optional(env, "VPC_ID", _VPC_ID, "a VPC id such as vpc-0123456789abcdef0"),
             data_volume_gib=_integer(env, "DATA_VOLUME_GIB", 50, 1, 16384),
             on_demand_fallback=_boolean(env, "ON_DEMAND_FALLBACK", False),
             kms_key_id=_optional(env, "KMS_KEY_ID", _KMS_KEY, "a KMS key ARN such as arn:aws:kms:eu-west-1:123456789012:key/..."),

@@ -71,6 +71,27 @@ class InstanceNotFoundError(DevboxError):
     code = "NotFoundError"
 
 
+class ForbiddenError(DevboxError):
+    """The caller may not do this (not an admin, or not among the fleet's owners)."""
+
+    status_code = 403
+    code = "Forbidden"
+
+
+class BoxNotFoundError(DevboxError):
+    """No such box for this caller (someone else's box answers the same: its existence is not confirmed)."""
+
+    status_code = 404
+    code = "NotFound"
+
+
+class FleetFullError(DevboxError):
+    """The fleet holds MAX_BOXES boxes already."""
+
+    status_code = 409
+    code = "ConflictError"
+
+
 # Error codes AWS returns when it is overloaded or throttling, after botocore's
 # own retries have run out: the caller can simply try again later.
 _RETRYABLE = {

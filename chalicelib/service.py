@@ -72,6 +72,12 @@ def get_status(ec2: Any, config: Config, box_name: str) -> Dict[str, Any]:
     """
     view, rules = _side_by_side(lambda: box.describe_box(ec2, box_name),
                                 lambda: access.describe_rules(ec2, config.security_group_id))
+    return status_of(ec2, config, box_name, view, rules)
+
+
+def status_of(ec2: Any, config: Config, box_name: str, view: box.BoxView,
+              rules: Sequence[access.IngressRule]) -> Dict[str, Any]:
+    """The status document from the two reads; the data volume is looked up only when the box has no instance."""
     current = view.current
     data_volume = volume.find_data_volume(ec2, box_name) if current is None else None
     return _document(box_name, current, config, access.allowed_cidrs(rules), data_volume=data_volume)
@@ -205,7 +211,7 @@ def _launch(ec2: Any, config: Config, box_name: str, view: box.BoxView,
     else:
         subnets = list(config.subnet_ids) or _default_subnets(ec2)
     spec = box.LaunchSpec(box_name, config.launch_template_id, config.security_group_id,
-                          data["VolumeId"] if data else None)
+                          data["VolumeId"] if data else None, config.box_owner)
     launched = box.launch(ec2, spec, basis, box.launch_attempts(plan.types, subnets, config.on_demand_fallback))
     if data is None:
         new = launched.instance

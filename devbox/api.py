@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 if TYPE_CHECKING:
     import requests
@@ -34,6 +34,8 @@ CONNECT_TIMEOUT = 5.0
 URL_ENV = "DEVBOX_URL"
 _EXECUTE_API_HOST = re.compile(r"\.execute-api\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
 _ERRNO_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+# A fleet's box name is a DNS label (it names the box's DNS record): lowercase, digits, inner hyphens.
+_BOX_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # A body that is not the app's own error (an HTML page, a proxy's text) is cut short; the app's
 # Message is kept longer, since a capacity error names every launch it tried.
 _MAX_EXCERPT = 300
@@ -52,10 +54,13 @@ class CliError(Exception):
 class ApiError(CliError):
     """The devbox API refused a call, failed, or could not be reached."""
 
-    def __init__(self, message: str, exit_code: int, status: Optional[int] = None, code: Optional[str] = None) -> None:
+    def __init__(self, message: str, exit_code: int, status: Optional[int] = None, code: Optional[str] = None,
+                 detail: Optional[str] = None) -> None:
         super().__init__(message, exit_code)
         self.status = status
         self.code = code
+        # For an error answer: the server's own Message (one printable line), to reword the error around it.
+        self.detail = detail
 
     @property
     def transient(self) -> bool:
@@ -230,8 +235,20 @@ def make_auth(url: str, profile: Optional[str] = None, region: Optional[str] = N
     return AWS4Auth(region=signing_region, service="execute-api", refreshable_credentials=credentials)
 
 
+def check_box_name(name: str) -> str:
+    """name if it is a fleet box name (a DNS label: a-z, 0-9 and inner hyphens, 1-63 characters); else a usage error."""
+    if not isinstance(name, str) or not _BOX_NAME.match(name):
+        raise CliError(
+            f"not a box name: {_kind(name)} (a box name is 1-63 lowercase letters, digits and hyphens,"
+            " not starting or ending with a hyphen)",
+            EXIT_USAGE,
+        )
+    return name
+
+
 class DevboxApi:
-    """The three routes of the devbox API: GET /status, POST /start, POST /stop."""
+    """The routes of the devbox API: GET /status, POST /start, POST /stop; for a fleet's admins GET /boxes and
+    POST /boxes/NAME/stop."""
 
     def __init__(
         self,
@@ -280,7 +297,19 @@ class DevboxApi:
         """Stop the instance (a no-op when it is already stopped)."""
         return self._call("POST", "/stop", {})
 
-    def _call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    def boxes(self) -> Dict[str, Any]:
+        """A fleet's boxes, for its admins: {"boxes": [...], "count": N, "max_boxes": M} (types not checked here)."""
+        return self._call("GET", "/boxes", expect="boxes", what="a box listing")
+
+    def stop_box(self, name: str) -> Dict[str, Any]:
+        """Stop another's box of the fleet (admins only); its status document, with its "owner".
+
+        A name that is not a box name is refused before any request is made.
+        """
+        return self._call("POST", f"/boxes/{quote(check_box_name(name), safe='')}/stop", {})
+
+    def _call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None, expect: str = "state",
+              what: str = "a status document") -> Dict[str, Any]:
         import botocore.exceptions
         import requests
 
@@ -314,9 +343,9 @@ class DevboxApi:
             document = response.json()
         except ValueError:
             document = None
-        if not isinstance(document, dict) or "state" not in document:
+        if not isinstance(document, dict) or expect not in document:
             raise ApiError(
-                f"the devbox API answered HTTP {response.status_code} without a status document ({url}):"
+                f"the devbox API answered HTTP {response.status_code} without {what} ({url}):"
                 f" {_excerpt(response.content)}",
                 EXIT_FAILURE,
                 status=response.status_code,
@@ -333,16 +362,17 @@ def error_for_response(status: int, content: bytes, url: str) -> ApiError:
         if "missing authentication token" in detail.lower():
             # API Gateway's answer for a path it does not know, signed or not.
             hint = "; check the URL (it ends with the stage, e.g. .../api)"
-        return ApiError(f"access denied by the devbox API (HTTP 403): {detail}{hint}", EXIT_AUTH, status, code)
+        return ApiError(f"access denied by the devbox API (HTTP 403): {detail}{hint}", EXIT_AUTH, status, code,
+                        detail)
     if status == 404:
-        return ApiError(f"no devbox (HTTP 404): {detail}", EXIT_NOT_FOUND, status, code)
+        return ApiError(f"no devbox (HTTP 404): {detail}", EXIT_NOT_FOUND, status, code, detail)
     if status == 409:
-        return ApiError(f"conflict (HTTP 409): {detail}", EXIT_CONFLICT, status, code)
+        return ApiError(f"conflict (HTTP 409): {detail}", EXIT_CONFLICT, status, code, detail)
     if status == 503:
-        return ApiError(f"unavailable, try again later (HTTP 503): {detail}", EXIT_UNAVAILABLE, status, code)
+        return ApiError(f"unavailable, try again later (HTTP 503): {detail}", EXIT_UNAVAILABLE, status, code, detail)
     what = "refused the request" if status < 500 else "failed"
     label = f"HTTP {status} {code}" if code else f"HTTP {status}"
-    return ApiError(f"the devbox API {what} ({label}): {detail} ({url})", EXIT_FAILURE, status, code)
+    return ApiError(f"the devbox API {what} ({label}): {detail} ({url})", EXIT_FAILURE, status, code, detail)
 
 
 def _error_fields(content: bytes) -> Tuple[Optional[str], Optional[str]]:
@@ -384,10 +414,13 @@ def status_text(status: Mapping[str, Any], field: str) -> Optional[str]:
     return value
 
 
-def malformed_status(field: str, value: Any, expected: str = "text") -> ApiError:
-    """The error for a status field the client cannot use: names the field, what it holds, what was expected."""
+def malformed_status(field: str, value: Any, expected: str = "text", document: str = "status") -> ApiError:
+    """The error for a status field the client cannot use: names the field, what it holds, what was expected.
+
+    document names what was malformed when it is not a status (e.g. "box listing").
+    """
     return ApiError(
-        f"the devbox API answered a malformed status: {field} is {_kind(value)}, not {expected}", EXIT_FAILURE
+        f"the devbox API answered a malformed {document}: {field} is {_kind(value)}, not {expected}", EXIT_FAILURE
     )
 
 

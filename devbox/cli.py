@@ -4,6 +4,9 @@ The box is a name with a data volume (/home) and disposable instances: `devbox s
 start the stopped instance, or launch a new one (first start, spot interruption, resize of a
 spot box, --rebuild) that takes the data volume over; it says which, and why.
 
+In fleet mode (one box per owner) a deployment's ADMIN_OWNERS may also see every box
+(`devbox boxes`) and stop another's (`devbox stop --box NAME`).
+
 Every subcommand accepts --profile/--region/--url (and --stage, which picks the chalice
 deployment record used when no URL is given). `main()` returns the exit code; failures
 print one line on stderr (exit codes: see devbox.api.EXIT_*).
@@ -15,16 +18,18 @@ as one. --json output is JSON, whose encoder escapes them as well.
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from devbox.api import (
     DEFAULT_STAGE,
@@ -32,11 +37,14 @@ from devbox.api import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     URL_ENV,
+    ApiError,
     ApiUrl,
     CliError,
     DevboxApi,
+    check_box_name,
     locate_url,
     make_auth,
+    malformed_status,
     printable,
 )
 from devbox.progress import (
@@ -70,6 +78,8 @@ STOP_REASONS = {
     "max-runtime": "max-runtime (it ran longer than MAX_RUNTIME_HOURS)",
     "spot": "spot (the spot service took the capacity back)",
 }
+ADMIN_ONLY = "only the deployment's ADMIN_OWNERS may list or stop others' boxes"
+BOXES_HEADER = ("BOX", "OWNER", "STATE", "TYPE", "UPTIME", "COST THIS MONTH")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -133,9 +143,15 @@ def build_parser(requested: Optional[str] = None) -> argparse.ArgumentParser:
     start.add_argument("--json", action="store_true", help="print the final status document as JSON")
 
     stop = _command(commands, "stop", "stop the devbox", cmd_stop)
-    stop.add_argument("--wait", action="store_true", help="wait until the instance is stopped")
+    stop.add_argument("--box", type=_box_name, metavar="NAME",
+                      help="fleet admins: stop this box of the fleet (see `devbox boxes`) instead of your own")
+    stop.add_argument("--wait", action="store_true", help="wait until the instance is stopped (not with --box)")
     _add_timing_options(stop)
     stop.add_argument("--json", action="store_true", help="print the final status document as JSON")
+
+    boxes = _command(commands, "boxes", "fleet admins: list every box of the fleet, its owner, state and cost",
+                     cmd_boxes)
+    boxes.add_argument("--json", action="store_true", help="print the box listing as JSON")
 
     config = _command(commands, "ssh-config", "write a `Host devbox` block into ~/.ssh/config", cmd_ssh_config)
     config.add_argument("--host", default="devbox", metavar="NAME",
@@ -285,6 +301,13 @@ def _instance_type(text: str) -> str:
     return text
 
 
+def _box_name(text: str) -> str:
+    try:
+        return check_box_name(text)
+    except CliError as err:
+        raise argparse.ArgumentTypeError(err.message) from None
+
+
 def _api(args: argparse.Namespace, timeout: Optional[float] = None) -> DevboxApi:
     extra = {} if timeout is None else {"timeout": timeout}
     return DevboxApi.connect(args.url, args.profile, args.region, args.stage, **extra)
@@ -350,7 +373,9 @@ def _wait_ready(api: DevboxApi, options: WaitOptions) -> Ready:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """devbox stop: stop the devbox; with --wait, until it is stopped."""
+    """devbox stop: stop the devbox; with --wait, until it is stopped. With --box, a fleet admin stops that box."""
+    if getattr(args, "box", None) is not None:
+        return _stop_box(args)
     api = _api(args)
     status = api.stop()
     if args.wait:
@@ -358,6 +383,128 @@ def cmd_stop(args: argparse.Namespace) -> int:
             status = wait_until_stopped(api, _wait_options(args), progress)
     _print_status(status, args.json)
     return 0
+
+
+def _stop_box(args: argparse.Namespace) -> int:
+    """devbox stop --box NAME: stop another's box of the fleet (admins only) and print its status."""
+    if args.wait:
+        # The status route answers for the caller's own box only: there is nothing to poll for NAME.
+        raise CliError(f"--wait follows only your own box; see whether {args.box} is stopped with `devbox boxes`",
+                       EXIT_USAGE)
+    api = _api(args)
+    with _fleet_errors(args.box):
+        status = api.stop_box(args.box)
+    _print_status(status, args.json)
+    return 0
+
+
+def cmd_boxes(args: argparse.Namespace) -> int:
+    """devbox boxes: the fleet's boxes as a table (admins only), or the listing with --json."""
+    api = _api(args)
+    with _fleet_errors():
+        document = api.boxes()
+    if args.json:
+        # json.dumps escapes control characters (and all non-ASCII) itself.
+        print(json.dumps(document, indent=2))
+    else:
+        # Formatted whole before anything is printed: a malformed listing prints its error line only.
+        _print_lines(format_boxes(document))
+    return 0
+
+
+@contextmanager
+def _fleet_errors(box: Optional[str] = None) -> Iterator[None]:
+    """The fleet routes' refusals in their own words: who may call them, which box is unknown, no fleet at all."""
+    try:
+        yield
+    except ApiError as err:
+        detail = err.detail or "no details given"
+        label = f"HTTP {err.status} {err.code}" if err.code else f"HTTP {err.status}"
+        if err.status == 403 and err.code:
+            # The app's own refusal; API Gateway's (a bad signature, an unknown path) carry no Code.
+            raise ApiError(f"{ADMIN_ONLY} ({label}): {detail}", err.exit_code, err.status, err.code, detail) from None
+        if err.status == 403 and "missing authentication token" in detail.lower():
+            raise ApiError(f"the devbox API has no fleet routes ({label}: {detail}): the deployment is not a fleet or"
+                           " predates fleet mode, or the URL is wrong", err.exit_code, err.status, err.code,
+                           detail) from None
+        if box is None and err.status in (400, 404):
+            raise ApiError(f"the devbox API lists no boxes ({label}): {detail}; is this deployment a fleet?",
+                           err.exit_code, err.status, err.code, detail) from None
+        if box is not None and err.status == 404:
+            raise ApiError(f"no box {box} ({label}): {detail}", err.exit_code, err.status, err.code,
+                           detail) from None
+        raise
+
+
+def format_boxes(document: Mapping[str, Any]) -> str:
+    """The fleet's boxes as a table sorted by name, then "N of at most M boxes".
+
+    The listing's types are checked first: a malformed one is an ApiError naming the field, and nothing is printed.
+    """
+    entries = document.get("boxes")
+    if not isinstance(entries, list):
+        raise _malformed_listing("boxes", entries, "a list of boxes")
+    rows = []
+    for index, entry in enumerate(entries):
+        where = f"boxes[{index}]"
+        if not isinstance(entry, dict):
+            raise _malformed_listing(where, entry, "an object")
+        name = _listing_text(entry, where, "box")
+        if name is None:
+            raise _malformed_listing(f"{where}.box", entry.get("box"), "a box name")
+        uptime = _listing_number(entry, where, "uptime_seconds", minimum=0)
+        cost = _listing_number(entry, where, "cost_this_month_usd")
+        rows.append((name, [
+            name,
+            _listing_text(entry, where, "owner"),
+            _listing_text(entry, where, "state"),
+            _listing_text(entry, where, "instance_type"),
+            None if uptime is None else _duration(uptime),
+            None if cost is None else _money(cost, "", 2),
+        ]))
+    count = _listing_number(document, "", "count", minimum=0, whole=True)
+    most = _listing_number(document, "", "max_boxes", minimum=0, whole=True)
+    total = len(entries) if count is None else int(count)
+    lines = []
+    if rows:
+        rows.sort(key=lambda row: row[0])
+        table = [list(BOXES_HEADER)] + [[_cell(value) for value in cells] for _, cells in rows]
+        widths = [max(len(line[column]) for line in table) for column in range(len(BOXES_HEADER))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    if most is not None:
+        lines.append(f"{total} of at most {int(most)} boxes")
+    else:
+        lines.append(f"{total} box" if total == 1 else f"{total} boxes")
+    return "\n".join(lines)
+
+
+def _malformed_listing(field: str, value: Any, expected: str) -> ApiError:
+    return malformed_status(field, value, expected, document="box listing")
+
+
+def _listing_text(entry: Mapping[str, Any], where: str, field: str) -> Optional[str]:
+    """entry[field] as text, None when absent, null or empty; any other type is a malformed listing."""
+    value = entry.get(field)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _malformed_listing(f"{where}.{field}", value, "text")
+    return value
+
+
+def _listing_number(entry: Mapping[str, Any], where: str, field: str, minimum: Optional[float] = None,
+                    whole: bool = False) -> Optional[float]:
+    """entry[field] as a finite number (at least minimum; whole if told), None when absent or null."""
+    value = entry.get(field)
+    if value is None:
+        return None
+    expected = "a whole number" if whole else "a number"
+    if minimum is not None:
+        expected += f" of at least {minimum:g}"
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not is_number or (whole and value != int(value)) or (minimum is not None and value < minimum):
+        raise _malformed_listing(f"{where}.{field}" if where else field, value, expected)
+    return float(value)
 
 
 def cmd_ssh_config(args: argparse.Namespace) -> int:
@@ -512,10 +659,11 @@ def format_status(status: Dict[str, Any], api: Optional[DevboxApi] = None, now: 
     state = status.get("state")
     if state == "none":
         state = "none (no instance yet: `devbox start` launches one)"
-    rows = [
-        ("box", status.get("box")),
-        ("state", state),
-    ]
+    rows = [("box", status.get("box"))]
+    if status.get("owner") not in (None, ""):
+        # A fleet's status (e.g. of another's box stopped by an admin) names whose box it is.
+        rows.append(("owner", status["owner"]))
+    rows.append(("state", state))
     if status.get("interrupted") is True:
         # Only EC2 may start a spot-stopped instance again, whenever capacity returns.
         rows.append(("interrupted", "the spot service stopped this instance; `devbox start` launches a new"

@@ -26,10 +26,11 @@ else:
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "infra" / "devbox.yaml"
 OUTPUT_KEYS = ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "KmsKeyId", "HostedZoneId", "DomainName",
-               "InstanceRoleArn")
+               "BoxesTable", "InstanceRoleArn")
 REQUIRED_OUTPUTS = ("BoxName", "LaunchTemplateId", "SecurityGroupId")
 DEFAULT_IMAGE_PARAMETER = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
 BOX_TAG = "devbox:box"
+OWNER_TAG = "devbox:owner"
 
 # Every AWS action the Lambda (app.py and chalicelib/) calls, grouped by the resource the
 # policy lets it act on. Tests compare this with the calls the code makes; keep them in step.
@@ -71,6 +72,11 @@ POLICY_ACTIONS: Dict[str, Tuple[str, ...]] = {
     "kms_grant": ("kms:CreateGrant",),
     "kms_use": ("kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKeyWithoutPlaintext",
                 "kms:ReEncryptFrom", "kms:ReEncryptTo"),
+    # FLEET=true only: each box's own group, found by tag and created by the app.
+    "fleet_any": ("ec2:DescribeSecurityGroups",),
+    "create_group": ("ec2:CreateSecurityGroup",),
+    # FLEET=true only: the claims (one conditional UpdateItem), their read, the month's costs.
+    "fleet_table": ("dynamodb:GetItem", "dynamodb:Scan", "dynamodb:UpdateItem"),
     "log_groups": ("logs:CreateLogGroup",),
     "log_streams": ("logs:CreateLogStream", "logs:PutLogEvents"),
 }
@@ -116,20 +122,30 @@ def build_policy(
     kms_key_id: Optional[str] = None,
     function_name: str = "devbox-dev",
     instance_role_arn: Optional[str] = None,
+    boxes_table: Optional[str] = None,
+    vpc_id: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The Lambda's IAM policy document, scoped to one box, launch template, group and (optional) zone.
 
     ``function_name`` is the app's Lambda name (Chalice: ``<app>-<stage>``; its event handlers
     are ``<app>-<stage>-<handler>``): the functions may write only to their own log groups.
+    With ``boxes_table`` (FLEET=true) the scope is every box of the fleet: resources tagged
+    ``devbox:box`` = ``<box_name>/*`` (a single box's name has no ``/``), each box's own group,
+    records ``*.<domain_name>``, and the claims table.
     """
     ec2_arn = f"arn:{partition}:ec2:{region}:{account_id}"
     template_arn = f"{ec2_arn}:launch-template/{launch_template_id}"
-    own = {"StringEquals": {f"ec2:ResourceTag/{BOX_TAG}": box_name}}
+    fleet = boxes_table is not None
+    if fleet and not vpc_id:
+        raise ValueError("a fleet's policy needs the VPC its boxes' groups are created in (the stack's VpcId)")
+    match, box_value = ("StringLike", f"{box_name}/*") if fleet else ("StringEquals", box_name)
+    own = {match: {f"ec2:ResourceTag/{BOX_TAG}": box_value}}
+    requested = {match: {f"aws:RequestTag/{BOX_TAG}": box_value}}
     statements: List[Dict[str, Any]] = [
-        _allow("DescribeDevbox", POLICY_ACTIONS["any"], "*"),
+        _allow("DescribeDevbox", POLICY_ACTIONS["any"] + (POLICY_ACTIONS["fleet_any"] if fleet else ()), "*"),
         # What RunInstances creates must carry the box tag, and come from the box's template.
         _allow("LaunchBoxInstance", POLICY_ACTIONS["launch"], [f"{ec2_arn}:instance/*", f"{ec2_arn}:volume/*"],
-               {"StringEquals": {f"aws:RequestTag/{BOX_TAG}": box_name, "ec2:LaunchTemplate": template_arn}}),
+               _and_equals(requested, {"ec2:LaunchTemplate": template_arn})),
         # The other resources RunInstances touches, only through the box's template.
         _allow("LaunchFromBoxTemplate", POLICY_ACTIONS["launch"], [
             template_arn, f"{ec2_arn}:security-group/{security_group_id}", f"{ec2_arn}:subnet/*",
@@ -138,10 +154,9 @@ def build_policy(
         ], {"StringEquals": {"ec2:LaunchTemplate": template_arn}}),
         _allow("TagOnCreate", POLICY_ACTIONS["tag_on_create"], [
             f"{ec2_arn}:instance/*", f"{ec2_arn}:volume/*", f"{ec2_arn}:spot-instances-request/*",
-        ], {"StringEquals": {"ec2:CreateAction": ["RunInstances", "CreateVolume"],
-                             f"aws:RequestTag/{BOX_TAG}": box_name}}),
-        _allow("CreateDataVolume", POLICY_ACTIONS["create_volume"], f"{ec2_arn}:volume/*",
-               {"StringEquals": {f"aws:RequestTag/{BOX_TAG}": box_name}}),
+        ] + ([f"{ec2_arn}:security-group/*"] if fleet else []), _and_equals(requested, {"ec2:CreateAction": [
+            "RunInstances", "CreateVolume"] + (["CreateSecurityGroup"] if fleet else [])})),
+        _allow("CreateDataVolume", POLICY_ACTIONS["create_volume"], f"{ec2_arn}:volume/*", requested),
         _allow("ControlBoxInstances", POLICY_ACTIONS["instance"], f"{ec2_arn}:instance/*", own),
         _allow("TagBoxInstances", POLICY_ACTIONS["instance_tags"], f"{ec2_arn}:instance/*",
                {**own, "ForAllValues:StringEquals": {"aws:TagKeys": list(APP_TAG_KEYS)}}),
@@ -153,13 +168,27 @@ def build_policy(
                f"arn:{partition}:ssm:{region}::parameter{image_parameter}"
                if image_parameter.startswith("/aws/") else
                f"arn:{partition}:ssm:{region}:{account_id}:parameter{image_parameter}"),
-        _allow("ManageCallerAccess", POLICY_ACTIONS["security_group"], f"{ec2_arn}:security-group/{security_group_id}"),
     ]
+    if fleet:
+        # Each box launches into its own group, the app's creation (tagged with the box at creation).
+        statements.append(_allow("LaunchIntoBoxGroups", POLICY_ACTIONS["launch"], f"{ec2_arn}:security-group/*",
+                                 _and_equals(own, {"ec2:LaunchTemplate": template_arn})))
+        # CreateSecurityGroup takes the new group (which must carry the box tag) and the VPC it goes in.
+        statements.append(_allow("CreateBoxGroups", POLICY_ACTIONS["create_group"], f"{ec2_arn}:security-group/*",
+                                 requested))
+        statements.append(_allow("CreateBoxGroupsInTheVpc", POLICY_ACTIONS["create_group"],
+                                 f"{ec2_arn}:vpc/{vpc_id}"))
+        statements.append(_allow("ManageCallerAccess", POLICY_ACTIONS["security_group"], f"{ec2_arn}:security-group/*",
+                                 own))
+        statements.append(_allow("FleetClaimsAndCosts", POLICY_ACTIONS["fleet_table"],
+                                 f"arn:{partition}:dynamodb:{region}:{account_id}:table/{boxes_table}"))
+    else:
+        statements.append(_allow("ManageCallerAccess", POLICY_ACTIONS["security_group"],
+                                 f"{ec2_arn}:security-group/{security_group_id}"))
     if allowed_instance_types:
         statements.append(_allow(
             "ResizeDevbox", POLICY_ACTIONS["instance_type"], f"{ec2_arn}:instance/*",
-            {"StringEquals": {f"ec2:ResourceTag/{BOX_TAG}": box_name,
-                              "ec2:Attribute/InstanceType": list(allowed_instance_types)}}))
+            _and_equals(own, {"ec2:Attribute/InstanceType": list(allowed_instance_types)})))
     if hosted_zone_id:
         # Route53 is global: zone ARNs carry neither region nor account.
         zone_arn = f"arn:{partition}:route53:::hostedzone/{hosted_zone_id.rsplit('/', 1)[-1]}"
@@ -168,10 +197,15 @@ def build_policy(
             "route53:ChangeResourceRecordSetsRecordTypes": ["A"],
             "route53:ChangeResourceRecordSetsActions": ["UPSERT", "DELETE"],
         }
-        if domain_name:
-            record_only["route53:ChangeResourceRecordSetsNormalizedRecordNames"] = [domain_name.rstrip(".").lower()]
+        names_key = "route53:ChangeResourceRecordSetsNormalizedRecordNames"
+        names: Dict[str, Any] = {}
+        if domain_name and fleet:
+            # One record per box: <slug>.<domain>, and nothing else in the zone.
+            names = {"ForAllValues:StringLike": {names_key: [f"*.{domain_name.rstrip('.').lower()}"]}}
+        elif domain_name:
+            record_only[names_key] = [domain_name.rstrip(".").lower()]
         statements.append(_allow("ManageDevboxRecord", POLICY_ACTIONS["hosted_zone"], zone_arn,
-                                 {"ForAllValues:StringEquals": record_only}))
+                                 {"ForAllValues:StringEquals": record_only, **names}))
     if notify_topic_arn:
         statements.append(_allow("NotifyUser", POLICY_ACTIONS["topic"], notify_topic_arn))
     if instance_role_arn:
@@ -239,6 +273,10 @@ def record_stack(
     settings = stage_config.get("environment_variables", {})
     topic = settings.get("NOTIFY_TOPIC_ARN") or None
     types = [t.strip() for t in settings.get("ALLOWED_INSTANCE_TYPES", "").split(",") if t.strip()]
+    fleet = _truthy(settings.get("FLEET", ""))
+    if fleet:
+        # The fleet's per-box groups go in the VPC of the stack's group; the policy names that VPC.
+        env["VPC_ID"] = group_vpc(cfn_client, env["SECURITY_GROUP_ID"])
     policy = build_policy(
         partition=partition,
         region=region or arn_region,
@@ -253,6 +291,8 @@ def record_stack(
         allowed_instance_types=types,
         kms_key_id=env.get("KMS_KEY_ID") or None,
         instance_role_arn=env.get("INSTANCE_ROLE_ARN") or None,
+        boxes_table=(env.get("BOXES_TABLE") or None) if fleet else None,
+        vpc_id=env.get("VPC_ID") or None,
         function_name=f"{config.get('app_name', 'devbox')}-{stage}",
     )
     # The generated policy only takes effect with these two; a stage that set them keeps its values.
@@ -301,6 +341,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{name}={value}")
     print(f"wrote {Path(args.project_dir) / '.chalice'}: config.json (stage {args.stage}), policy-{args.stage}.json")
     return 0
+
+
+def group_vpc(cfn_client: CloudFormationClient, group_id: str) -> str:
+    """The VPC of a security group, asked of EC2 with the CloudFormation client's session and region."""
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name=cfn_client.meta.region_name)
+    groups = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    vpc = groups[0].get("VpcId") if groups else None
+    if not vpc:
+        raise StackError(f"the security group {group_id} is in no VPC; a fleet needs one")
+    return str(vpc)
+
+
+def _and_equals(condition: Dict[str, Any], equals: Dict[str, Any]) -> Dict[str, Any]:
+    """The condition with more StringEquals keys (all must hold)."""
+    return {**condition, "StringEquals": {**condition.get("StringEquals", {}), **equals}}
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("true", "yes", "1", "on")
 
 
 def _stack_parameter(stack: Mapping[str, Any], key: str) -> Optional[str]:

@@ -12,7 +12,10 @@ import pytest
 from devbox.stack import LOG_ACTIONS, POLICY_ACTIONS, build_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-IAM_PREFIX = {"ec2": "ec2", "route53": "route53", "sns": "sns"}
+IAM_PREFIX = {"ec2": "ec2", "route53": "route53", "sns": "sns", "ddb": "dynamodb"}
+SERVICE_MODEL = {"ec2": "ec2", "route53": "route53", "sns": "sns", "ddb": "dynamodb"}
+# Calls made only with FLEET=true: the single-box policy must not grant them.
+FLEET_SOURCES = ("fleet.py", "fleet_service.py")
 # Reads that EC2 evaluates on "*" only; everything else must name its resource.
 READ_ONLY = re.compile(r"^[a-z0-9]+:(Describe|List|Get)")
 # Actions IAM also checks when the code makes a call (the Service Authorization Reference's
@@ -29,14 +32,16 @@ DEPENDENT = {"ec2:RunInstances": {"ec2:CreateTags", "ssm:GetParameters", "iam:Pa
 KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/0b0e6c5e-1c1d-4d6a-9f3e-2a6b1f9c0d11"
 
 
-def code_actions():
-    """IAM actions for every AWS call in chalicelib/, found by reading the code."""
+def code_actions(fleet=False):
+    """IAM actions for every AWS call in chalicelib/ (without the fleet's unless ``fleet``), found by reading the code."""
     session = botocore.session.get_session()
     found = set()
-    pattern = re.compile(r"\b(ec2|route53|sns)\.([a-z_]+)\(")
+    pattern = re.compile(r"\b(ec2|route53|sns|ddb)\.([a-z_]+)\(")
     for source in (ROOT / "chalicelib").glob("*.py"):
+        if source.name in FLEET_SOURCES and not fleet:
+            continue
         for service, method in pattern.findall(source.read_text()):
-            model = session.get_service_model(service)
+            model = session.get_service_model(SERVICE_MODEL[service])
             names = {botocore.xform_name(op): op for op in model.operation_names}
             assert method in names, f"{source.name}: {service}.{method} is not an AWS operation"
             found.add(f"{IAM_PREFIX[service]}:{names[method]}")
@@ -47,12 +52,13 @@ def policy_actions(policy):
     return {action for statement in policy["Statement"] for action in statement["Action"]}
 
 
-def full_policy():
+def full_policy(fleet=False):
     return build_policy(partition="aws", region="us-east-1", account_id="123456789012", box_name="devbox",
                         launch_template_id="lt-0123456789abcdef0", security_group_id="sg-0123456789abcdef0",
                         hosted_zone_id="Z1", notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox",
                         domain_name="devbox.example.com", allowed_instance_types=["t3.large"], kms_key_id=KMS_KEY,
-                        instance_role_arn="arn:aws:iam::123456789012:role/devbox-InstanceRole-ABC")
+                        instance_role_arn="arn:aws:iam::123456789012:role/devbox-InstanceRole-ABC",
+                        boxes_table="devbox-BoxesTable-ABC" if fleet else None, vpc_id="vpc-0123456789abcdef0")
 
 
 def test_code_calls_are_found():
@@ -60,15 +66,23 @@ def test_code_calls_are_found():
     assert {"ec2:StartInstances", "route53:ChangeResourceRecordSets", "sns:Publish"} <= actions
 
 
-def test_policy_grants_every_action_the_code_calls():
-    missing = code_actions() - policy_actions(full_policy())
+@pytest.mark.parametrize("fleet", [False, True], ids=["single box", "fleet"])
+def test_policy_grants_every_action_the_code_calls(fleet):
+    missing = code_actions(fleet) - policy_actions(full_policy(fleet))
     assert not missing, f"the code calls actions the policy lacks: {sorted(missing)}"
 
 
-def test_policy_grants_nothing_the_code_never_calls():
-    granted = policy_actions(full_policy()) - set(LOG_ACTIONS)
-    unused = granted - code_actions()
+@pytest.mark.parametrize("fleet", [False, True], ids=["single box", "fleet"])
+def test_policy_grants_nothing_the_code_never_calls(fleet):
+    granted = policy_actions(full_policy(fleet)) - set(LOG_ACTIONS)
+    unused = granted - code_actions(fleet)
     assert not unused, f"the policy grants actions the code never calls: {sorted(unused)}"
+
+
+def test_the_fleet_calls_dynamodb_and_creates_groups_the_single_box_does_not():
+    assert code_actions(fleet=True) - code_actions() == {
+        "dynamodb:GetItem", "dynamodb:Scan", "dynamodb:UpdateItem", "ec2:CreateSecurityGroup",
+        "ec2:DescribeSecurityGroups"}
 
 
 def resources(statement):
@@ -76,15 +90,17 @@ def resources(statement):
     return [found] if isinstance(found, str) else list(found)
 
 
-def test_no_mutating_action_on_every_resource():
-    for statement in full_policy()["Statement"]:
+@pytest.mark.parametrize("fleet", [False, True], ids=["single box", "fleet"])
+def test_no_mutating_action_on_every_resource(fleet):
+    for statement in full_policy(fleet)["Statement"]:
         if statement["Resource"] == "*" or statement["Resource"] == ["*"]:
             mutating = [a for a in statement["Action"] if not READ_ONLY.match(a)]
             assert not mutating, f"{statement['Sid']} grants {mutating} on *"
 
 
-def test_no_arn_is_wild_in_its_partition_service_region_or_account():
-    for statement in full_policy()["Statement"]:
+@pytest.mark.parametrize("fleet", [False, True], ids=["single box", "fleet"])
+def test_no_arn_is_wild_in_its_partition_service_region_or_account(fleet):
+    for statement in full_policy(fleet)["Statement"]:
         for arn in resources(statement):
             if arn == "*":
                 continue
@@ -92,8 +108,9 @@ def test_no_arn_is_wild_in_its_partition_service_region_or_account():
             assert "*" not in "".join(fields[:5]), f"{statement['Sid']}: {arn} is a wildcard ARN"
 
 
-def test_every_resource_wildcard_on_a_mutating_action_is_narrowed_by_a_condition():
-    for statement in full_policy()["Statement"]:
+@pytest.mark.parametrize("fleet", [False, True], ids=["single box", "fleet"])
+def test_every_resource_wildcard_on_a_mutating_action_is_narrowed_by_a_condition(fleet):
+    for statement in full_policy(fleet)["Statement"]:
         mutating = [a for a in statement["Action"] if not READ_ONLY.match(a)]
         wild = [arn for arn in resources(statement) if arn != "*" and arn.split(":", 5)[5].split("/")[-1] == "*"]
         if mutating and wild and not statement["Sid"].startswith("WriteOwnLogs"):

@@ -41,12 +41,15 @@ ALL_OPTIONS: Dict[str, Any] = {
     "function_name": "devbox-dev",
     "instance_role_arn": f"arn:aws:iam::{ACCOUNT}:role/devbox-InstanceRole-0123ABCD",
     "image_parameter": "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id",
+    "boxes_table": "devbox-BoxesTable-0123ABCD",
+    "vpc_id": "vpc-0123456789abcdef0",
 }
 BUILDS = {
     "all options": ALL_OPTIONS,
     # A parameter of the user's own lives in the account: the other branch of the image statement.
     "own image parameter": {**ALL_OPTIONS, "image_parameter": "/devbox/ami-id"},
     "required only": REQUIRED,
+    "single box": {k: v for k, v in ALL_OPTIONS.items() if k != "boxes_table"},
 }
 
 

@@ -75,6 +75,7 @@ def test_recording_a_stack_without_zone_fills_env_and_keeps_other_keys(aws: None
         "HOSTED_ZONE_ID": "",
         "DOMAIN_NAME": "",
         "INSTANCE_ROLE_ARN": outputs["InstanceRoleArn"],
+        "BOXES_TABLE": outputs["BoxesTable"],
         "DNS_TTL": "60",
         "SSH_PORT": "22",
         "DATA_VOLUME_GIB": "50",
@@ -184,11 +185,38 @@ def test_policy_grants_exactly_the_listed_actions() -> None:
         notify_topic_arn="arn:aws:sns:us-east-1:123456789012:devbox-alerts", allowed_instance_types=["t3.large"],
         kms_key_id=KMS_KEY, instance_role_arn="arn:aws:iam::123456789012:role/devbox-InstanceRole-ABC",
     )
-    assert set(actions(policy)) == {a for group in POLICY_ACTIONS.values() for a in group}
+    fleet_only = {a for key in FLEET_GROUPS for a in POLICY_ACTIONS[key]}
+    assert set(actions(policy)) == {a for group in POLICY_ACTIONS.values() for a in group} - fleet_only
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
     # Only describe calls (which EC2 cannot scope) get "*".
     wide = {a for s in policy["Statement"] if s["Resource"] == "*" for a in s["Action"]}
     assert wide == set(POLICY_ACTIONS["any"])
+
+
+FLEET_GROUPS = ("fleet_any", "create_group", "fleet_table")
+
+
+def test_a_fleet_policy_adds_only_the_groups_and_the_table_and_scopes_to_the_fleets_boxes() -> None:
+    policy = build_policy(**BASE, hosted_zone_id="Z1", domain_name="devbox.example.com", boxes_table="devbox-Boxes-X",
+                          vpc_id="vpc-0123456789abcdef0")
+    single = build_policy(**BASE, hosted_zone_id="Z1", domain_name="devbox.example.com")
+    fleet_only = {a for key in FLEET_GROUPS for a in POLICY_ACTIONS[key]}
+    assert set(actions(policy)) - set(actions(single)) == fleet_only
+    table = next(s for s in policy["Statement"] if s["Sid"] == "FleetClaimsAndCosts")
+    assert table["Resource"] == "arn:aws:dynamodb:us-east-1:123456789012:table/devbox-Boxes-X"
+    for statement in policy["Statement"]:
+        condition = json.dumps(statement.get("Condition", {}))
+        # Every box condition names this fleet's boxes (<name>/*), never a bare box name.
+        if "devbox:box" in condition:
+            assert '"devbox/*"' in condition and '"devbox"' not in condition, statement["Sid"]
+    access = next(s for s in policy["Statement"] if s["Sid"] == "ManageCallerAccess")
+    assert access["Resource"] == "arn:aws:ec2:us-east-1:123456789012:security-group/*"
+    assert access["Condition"] == {"StringLike": {"ec2:ResourceTag/devbox:box": "devbox/*"}}
+    create = next(s for s in policy["Statement"] if s["Sid"] == "CreateBoxGroups")
+    assert create["Condition"] == {"StringLike": {"aws:RequestTag/devbox:box": "devbox/*"}}
+    record = next(s for s in policy["Statement"] if s["Sid"] == "ManageDevboxRecord")
+    assert record["Condition"]["ForAllValues:StringLike"] == {
+        "route53:ChangeResourceRecordSetsNormalizedRecordNames": ["*.devbox.example.com"]}
 
 
 def test_a_volume_key_is_usable_only_through_ec2_and_grants_only_for_aws_resources() -> None:

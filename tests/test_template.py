@@ -111,7 +111,7 @@ def test_outputs_are_exactly_what_the_app_reads(template: Dict[str, Any]) -> Non
 
     assert tuple(template["Outputs"]) == OUTPUT_KEYS
     assert OUTPUT_KEYS == ("BoxName", "LaunchTemplateId", "SecurityGroupId", "SubnetIds", "KmsKeyId", "HostedZoneId",
-                           "DomainName", "InstanceRoleArn")
+                           "DomainName", "BoxesTable", "InstanceRoleArn")
     # moto empties every output when one reads Zone.NameServers.
     assert "NameServers" not in json.dumps(template["Outputs"])
 

@@ -1,0 +1,428 @@
+"""A box per caller (FLEET=true), through the app's routes and events against moto."""
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Dict, List
+
+import boto3
+import pytest
+from chalice.local import LambdaEventConverter
+from chalice.test import Client
+
+from chalicelib import aws, fleet, fleet_service
+from chalicelib.config import Config
+from tests.conftest import DOMAIN, REGION, CallLog, Devbox, state_event
+
+ALICE = "arn:aws:iam::123456789012:user/alice"
+BOB = "arn:aws:iam::123456789012:user/bob"
+ADMIN = "arn:aws:iam::123456789012:user/ops/carol"
+TABLE = "devbox-boxes"
+
+
+class Fleet(Devbox):
+    """A fleet deployment in moto: the shared launch template, group and zone, and the claims table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ddb = boto3.client("dynamodb", region_name=REGION)
+        self.ddb.create_table(TableName=TABLE, AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                              KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}], BillingMode="PAY_PER_REQUEST")
+
+    def env(self, **overrides: str) -> Dict[str, str]:
+        values = {"FLEET": "true", "BOXES_TABLE": TABLE, "ADMIN_OWNERS": ADMIN}
+        values.update(overrides)
+        return super().env(**values)
+
+    def group(self, slug: str) -> Dict[str, Any]:
+        found = self.ec2.describe_security_groups(
+            Filters=[{"Name": "tag:devbox:box", "Values": [f"{self.box}/{slug}"]}])["SecurityGroups"]
+        assert len(found) == 1, f"{slug} has {len(found)} groups"
+        return dict(found[0])
+
+    def groups(self) -> List[Dict[str, Any]]:
+        return list(self.ec2.describe_security_groups(
+            Filters=[{"Name": "tag:devbox:box", "Values": [f"{self.box}/*"]}])["SecurityGroups"])
+
+    def box_rules(self, slug: str) -> List[str]:
+        return sorted(r["IpRanges"][0]["CidrIp"] for r in self.group(slug)["IpPermissions"] if r.get("IpRanges"))
+
+    def box_instances(self, slug: str) -> List[Dict[str, Any]]:
+        return [i for r in self.ec2.describe_instances(Filters=[
+            {"Name": "tag:devbox:box", "Values": [f"{self.box}/{slug}"]}])["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] not in ("shutting-down", "terminated")]
+
+    def record_names(self) -> List[str]:
+        return sorted(r["Name"].rstrip(".") for r in self.a_records())
+
+
+@pytest.fixture
+def team(moto: None) -> Fleet:
+    return Fleet()
+
+
+@pytest.fixture
+def caller(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Make the next requests come as an IAM identity from an address, as API Gateway's context reports them."""
+    who = {"arn": ALICE, "ip": "203.0.113.10"}
+    original = LambdaEventConverter.create_lambda_event
+
+    def create(self: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        event = original(self, *args, **kwargs)
+        event["requestContext"]["identity"].update(sourceIp=who["ip"], userArn=who["arn"])
+        return event
+
+    monkeypatch.setattr(LambdaEventConverter, "create_lambda_event", create)
+
+    def use(arn: str, ip: str = "203.0.113.10") -> None:
+        who.update(arn=arn, ip=ip)
+
+    return use
+
+
+@pytest.fixture
+def app_client(team: Fleet, make_client: Callable[..., Client]) -> Client:
+    return make_client(team.env())
+
+
+def running(client: Client, team: Fleet, slug: str) -> str:
+    """Deliver the running event of the box's instance (moto starts instances at once)."""
+    instance_id = team.box_instances(slug)[0]["InstanceId"]
+    client.lambda_.invoke("on_running", state_event(client, instance_id, "running"))
+    return str(instance_id)
+
+
+# --- who owns what ---------------------------------------------------------------------------
+
+
+def test_each_owner_gets_their_own_box_group_and_record(team: Fleet, app_client: Client, caller: Callable[..., None]):
+    caller(ALICE, "203.0.113.10")
+    alice = app_client.http.post("/start")
+    caller(BOB, "198.51.100.20")
+    bob = app_client.http.post("/start")
+    assert (alice.status_code, bob.status_code) == (200, 200)
+    assert (alice.json_body["box"], alice.json_body["owner"]) == ("alice", ALICE)
+    assert (bob.json_body["box"], bob.json_body["owner"]) == ("bob", BOB)
+    running(app_client, team, "alice")
+    running(app_client, team, "bob")
+    assert team.box_rules("alice") == ["203.0.113.10/32", "203.0.113.10/32"]
+    assert team.box_rules("bob") == ["198.51.100.20/32", "198.51.100.20/32"]
+    # The deployment's shared group lets nobody in.
+    assert team.rules() == []
+    assert team.record_names() == [f"alice.{DOMAIN}", f"bob.{DOMAIN}"]
+    tags = {t["Key"]: t["Value"] for t in team.group("alice")["Tags"]}
+    assert tags["devbox:owner"] == ALICE
+    alice_instance = team.box_instances("alice")[0]
+    interface_groups = [g["GroupId"] for n in alice_instance["NetworkInterfaces"] for g in n["Groups"]]
+    assert interface_groups == [team.group("alice")["GroupId"]]
+    caller(ALICE, "203.0.113.10")
+    status = app_client.http.get("/status").json_body
+    assert (status["box"], status["state"], status["dns_name"]) == ("alice", "running", f"alice.{DOMAIN}")
+    assert status["allowed_ips"] == ["203.0.113.10/32"]
+
+
+def test_a_caller_without_a_box_sees_none_and_nothing_is_created(team: Fleet, app_client: Client,
+                                                                 caller: Callable[..., None]):
+    caller(BOB)
+    answer = app_client.http.get("/status")
+    assert answer.status_code == 200
+    assert (answer.json_body["box"], answer.json_body["state"], answer.json_body["owner"]) == ("bob", "none", BOB)
+    assert team.groups() == []
+    stop = app_client.http.post("/stop")
+    assert (stop.status_code, stop.json_body["state"]) == (200, "none")
+
+
+def test_another_owners_box_answers_404_and_nothing_changes(team: Fleet, app_client: Client,
+                                                            caller: Callable[..., None]):
+    caller(ALICE)
+    app_client.http.post("/start")
+    running(app_client, team, "alice")
+    caller(BOB, "198.51.100.20")
+    for method, path in (("GET", "/boxes/alice"), ("POST", "/boxes/alice/stop"), ("GET", "/boxes/nobody")):
+        answer = app_client.http.request(method, path, body=b"", headers={})
+        assert answer.status_code == 404, (method, path)
+        # A box that exists answers exactly like one that does not.
+        assert answer.json_body == {"Code": "NotFound", "Message": f"no box named {path.split('/')[2]} for this caller"}
+    assert team.box_instances("alice")[0]["State"]["Name"] == "running"
+    assert team.box_rules("alice") == ["203.0.113.10/32", "203.0.113.10/32"]
+    # Bob's own calls never see Alice's box.
+    assert app_client.http.get("/status").json_body["box"] == "bob"
+
+
+def test_an_owner_may_address_their_own_box_by_name(team: Fleet, app_client: Client, caller: Callable[..., None]):
+    caller(ALICE)
+    app_client.http.post("/start")
+    assert app_client.http.get("/boxes/alice").json_body["state"] == "running"
+    stopped = app_client.http.post("/boxes/alice/stop")
+    assert (stopped.status_code, stopped.json_body["state"]) == (200, "stopping")
+
+
+def test_bad_box_names_are_refused_with_400(team: Fleet, app_client: Client, caller: Callable[..., None]):
+    caller(ALICE)
+    for name in ("Alice", "-x", "a" * 41, "a_b"):
+        assert app_client.http.get(f"/boxes/{name}").status_code == 400
+
+
+# --- admins -----------------------------------------------------------------------------------
+
+
+def test_an_admin_lists_every_box_and_stops_one_without_being_let_in(team: Fleet, app_client: Client,
+                                                                     caller: Callable[..., None]):
+    caller(ALICE, "203.0.113.10")
+    app_client.http.post("/start")
+    caller(BOB, "198.51.100.20")
+    app_client.http.post("/start")
+    app_client.http.post("/stop")
+    caller(ADMIN, "192.0.2.50")
+    listed = app_client.http.get("/boxes")
+    assert listed.status_code == 200
+    rows = {row["box"]: row for row in listed.json_body["boxes"]}
+    assert sorted(rows) == ["alice", "bob"]
+    assert (rows["alice"]["owner"], rows["alice"]["state"]) == (ALICE, "running")
+    assert rows["alice"]["instance_type"] == "t3.large" and rows["alice"]["uptime_seconds"] is not None
+    assert rows["bob"]["state"] in ("stopping", "stopped") and rows["bob"]["uptime_seconds"] is None
+    assert (listed.json_body["count"], listed.json_body["max_boxes"]) == (2, 20)
+    stopped = app_client.http.post("/boxes/alice/stop")
+    assert (stopped.status_code, stopped.json_body["owner"]) == (200, ALICE)
+    assert team.box_instances("alice")[0]["State"]["Name"] in ("stopping", "stopped")
+    # The admin's address is in no box's group.
+    assert "192.0.2.50/32" not in team.box_rules("alice") + team.box_rules("bob")
+
+
+def test_a_non_admin_listing_boxes_gets_403(team: Fleet, app_client: Client, caller: Callable[..., None]):
+    caller(ALICE)
+    answer = app_client.http.get("/boxes")
+    assert answer.status_code == 403
+    assert "ADMIN_OWNERS" in answer.json_body["Message"]
+
+
+def test_the_box_routes_answer_404_on_a_single_box_deployment(empty_box: Devbox, make_client: Callable[..., Client]):
+    client = make_client(empty_box.env())
+    answer = client.http.get("/boxes")
+    assert answer.status_code == 404 and "FLEET" in answer.json_body["Message"]
+
+
+# --- events touch one box only ----------------------------------------------------------------
+
+
+def test_a_stopped_event_of_one_box_touches_no_other_box(team: Fleet, app_client: Client,
+                                                         caller: Callable[..., None]):
+    caller(ALICE, "203.0.113.10")
+    app_client.http.post("/start")
+    caller(BOB, "198.51.100.20")
+    app_client.http.post("/start")
+    alice_id = running(app_client, team, "alice")
+    running(app_client, team, "bob")
+    team.ec2.stop_instances(InstanceIds=[alice_id])
+    app_client.lambda_.invoke("on_stopped", state_event(app_client, alice_id, "stopped"))
+    assert team.box_rules("alice") == []
+    assert team.box_rules("bob") == ["198.51.100.20/32", "198.51.100.20/32"]
+    assert team.record_names() == [f"bob.{DOMAIN}"]
+
+
+def test_an_event_of_an_instance_outside_the_fleet_changes_nothing(team: Fleet, app_client: Client,
+                                                                   caller: Callable[..., None]):
+    caller(ALICE)
+    app_client.http.post("/start")
+    running(app_client, team, "alice")
+    stranger = team.launch()  # an instance tagged devbox:box=devbox (no owner slug)
+    answer = app_client.lambda_.invoke("on_stopped", state_event(app_client, stranger, "stopped"))
+    assert answer.payload is None
+    assert team.record_names() == [f"alice.{DOMAIN}"]
+    assert team.box_rules("alice") == ["203.0.113.10/32", "203.0.113.10/32"]
+
+
+def test_a_stopped_session_adds_its_cost_to_the_month_once(team: Fleet, app_client: Client,
+                                                           caller: Callable[..., None]):
+    caller(ALICE)
+    app_client.http.post("/start")
+    instance_id = running(app_client, team, "alice")
+    team.ec2.create_tags(Resources=[instance_id], Tags=[{"Key": "devbox:spot-price", "Value": "0.100000 t3.large x"}])
+    launched = team.box_instances("alice")[0]["LaunchTime"]
+    team.ec2.stop_instances(InstanceIds=[instance_id])
+    event = state_event(app_client, instance_id, "stopped", when=launched + timedelta(hours=2))
+    app_client.lambda_.invoke("on_stopped", event)
+    app_client.lambda_.invoke("on_stopped", event)  # EventBridge may deliver twice
+    item = team.ddb.get_item(TableName=TABLE, Key={"id": {"S": "box:alice"}})["Item"]
+    assert float(item[fleet.month_key(launched + timedelta(hours=2))]["N"]) == pytest.approx(0.2, abs=0.001)
+    caller(ADMIN)
+    row = app_client.http.get("/boxes").json_body["boxes"][0]
+    if (launched + timedelta(hours=2)).month == datetime.now(timezone.utc).month:
+        assert row["cost_this_month_usd"] == pytest.approx(0.2, abs=0.001)
+
+
+# --- limits -----------------------------------------------------------------------------------
+
+
+def test_past_max_boxes_a_new_owner_gets_409_and_nothing_is_created(team: Fleet, make_client: Callable[..., Client],
+                                                                    caller: Callable[..., None]):
+    client = make_client(team.env(MAX_BOXES="1"))
+    caller(ALICE)
+    assert client.http.post("/start").status_code == 200
+    caller(BOB)
+    answer = client.http.post("/start")
+    assert answer.status_code == 409
+    assert "MAX_BOXES" in answer.json_body["Message"] and "1 box" in answer.json_body["Message"]
+    assert [g["GroupName"] for g in team.groups()] == [f"{team.box}-alice"]
+    # The owner who has a box keeps using it.
+    caller(ALICE)
+    assert client.http.post("/start").status_code == 200
+
+
+def test_an_owner_outside_allowed_owners_gets_403_and_nothing_is_created(team: Fleet,
+                                                                         make_client: Callable[..., Client],
+                                                                         caller: Callable[..., None]):
+    client = make_client(team.env(ALLOWED_OWNERS="arn:aws:iam::123456789012:user/a*"))
+    caller(BOB)
+    answer = client.http.post("/start")
+    assert answer.status_code == 403 and "ALLOWED_OWNERS" in answer.json_body["Message"]
+    assert team.groups() == []
+    caller(ALICE)
+    assert client.http.post("/start").status_code == 200
+
+
+def test_bad_input_on_a_first_start_claims_nothing(team: Fleet, app_client: Client, caller: Callable[..., None]):
+    caller(ALICE)
+    answer = app_client.http.post("/start", body=b'{"instance_type": "x1e.32xlarge"}',
+                                  headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400
+    assert team.groups() == [] and "Item" not in team.ddb.get_item(TableName=TABLE, Key={"id": {"S": "fleet"}})
+
+
+def test_a_call_without_an_iam_identity_is_refused(team: Fleet, app_client: Client, caller: Callable[..., None]):
+    caller("")
+    answer = app_client.http.get("/status")
+    assert answer.status_code == 403 and "IAM identity" in answer.json_body["Message"]
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("owner, slug", [
+    (ALICE, "alice"),
+    ("arn:aws:iam::123456789012:user/eng/Bob.Smith+dev", "bob-smith-dev"),
+    ("arn:aws:sts::123456789012:assumed-role/AWSReservedSSO_Dev_abc/dana@example.com", "dana-example-com"),
+    ("arn:aws:iam::123456789012:root", "root"),
+])
+def test_the_box_name_is_the_readable_part_of_the_identity(owner: str, slug: str):
+    assert fleet.slug_of(owner) == slug
+
+
+def test_a_long_name_is_cut_to_40_characters_with_a_hash_of_the_whole_identity():
+    first = fleet.slug_of("arn:aws:iam::123456789012:user/" + "a" * 60)
+    second = fleet.slug_of("arn:aws:iam::123456789012:user/" + "a" * 61)
+    assert len(first) == 40 and first != second
+    assert fleet.check_slug(first) == first
+
+
+def test_owner_key_role_gives_one_box_per_role():
+    config = Config(box_name="d", launch_template_id="lt-0", security_group_id="sg-0", owner_key="role")
+    session = {"userArn": "arn:aws:sts::123456789012:assumed-role/Dev/alice"}
+    assert fleet.owner_of(session, config) == "arn:aws:sts::123456789012:assumed-role/Dev"
+    per_session = Config(box_name="d", launch_template_id="lt-0", security_group_id="sg-0")
+    assert fleet.owner_of(session, per_session) == session["userArn"]
+
+
+def test_two_identities_with_one_readable_name_get_two_boxes(team: Fleet, app_client: Client,
+                                                             caller: Callable[..., None]):
+    other_alice = "arn:aws:sts::123456789012:assumed-role/Contractors/alice"
+    caller(ALICE)
+    app_client.http.post("/start")
+    caller(other_alice, "198.51.100.7")
+    answer = app_client.http.post("/start").json_body
+    assert answer["box"].startswith("alice-") and answer["owner"] == other_alice
+    assert team.box_rules(answer["box"]) == ["198.51.100.7/32", "198.51.100.7/32"]
+    assert app_client.http.get("/status").json_body["box"] == answer["box"]
+    caller(ALICE)
+    assert app_client.http.get("/status").json_body["box"] == "alice"
+
+
+# --- calls ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet_calls(team: Fleet) -> CallLog:
+    log = CallLog()
+    for service in ("ec2", "route53", "dynamodb"):
+        aws.client(service).meta.events.register("before-call", log.record)
+    return log
+
+
+def test_an_owners_status_makes_two_calls(team: Fleet, app_client: Client, caller: Callable[..., None],
+                                          fleet_calls: CallLog):
+    caller(ALICE)
+    app_client.http.post("/start")
+    running(app_client, team, "alice")
+    fleet_calls.reset()
+    app_client.http.get("/status")
+    assert sorted(fleet_calls.made) == ["DescribeInstances", "DescribeSecurityGroups"]
+    fleet_calls.reset()
+    app_client.http.post("/start")
+    assert sorted(fleet_calls.made) == ["DescribeInstances", "DescribeSecurityGroupRules", "DescribeSecurityGroups"]
+
+
+# --- starts at once ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def atomic_writes(team: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What AWS guarantees and moto's in-process backend does not, on the app's clients.
+
+    DynamoDB applies a conditional write to one item atomically; EC2 creates one group of a
+    name per VPC. moto checks and writes in separate steps, so calls are serialized here.
+    """
+    lock = threading.Lock()
+    for service, names in (("dynamodb", ("update_item",)), ("ec2", ("create_security_group",))):
+        found = aws.client(service)
+        for name in names:
+            method = getattr(found, name)
+
+            def serialized(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                with lock:
+                    return _method(*args, **kwargs)
+
+            monkeypatch.setattr(found, name, serialized)
+
+
+def _at_once(calls: List[Callable[[], Any]]) -> List[Any]:
+    results: List[Any] = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = calls[index]()
+        except Exception as err:  # the test inspects what each start got
+            results[index] = err
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_21_owners_at_once_with_max_boxes_20_get_20_boxes_and_one_409(team: Fleet, atomic_writes: None,
+                                                                       client_tokens: Any):
+    config = Config.from_env(team.env(MAX_BOXES="20"))
+    owners = [f"arn:aws:iam::123456789012:user/dev{n:02d}" for n in range(21)]
+    results = _at_once([lambda o=o: fleet_service.start(aws.client("ec2"), aws.client("dynamodb"), config, o,
+                                                        "203.0.113.9") for o in owners])
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert len(refused) == 1 and getattr(refused[0], "status_code", None) == 409, refused
+    assert len(team.groups()) == 20
+    started = [r["box"] for r in results if isinstance(r, dict)]
+    assert sorted(started) == sorted(g["GroupName"].split("-", 1)[1] for g in team.groups())
+    assert all(len(team.box_instances(slug)) == 1 for slug in started)
+
+
+def test_one_owners_8_first_starts_at_once_give_one_box(team: Fleet, atomic_writes: None, client_tokens: Any):
+    config = Config.from_env(team.env())
+    results = _at_once([lambda: fleet_service.start(aws.client("ec2"), aws.client("dynamodb"), config, ALICE,
+                                                    "203.0.113.9") for _ in range(8)])
+    assert all(isinstance(r, dict) and r["box"] == "alice" for r in results), results
+    assert len(team.groups()) == 1
+    assert len(team.box_instances("alice")) == 1
+    volumes = team.ec2.describe_volumes(Filters=[{"Name": "tag:devbox:box", "Values": ["devbox/alice"]},
+                                                 {"Name": "tag:devbox:role", "Values": ["data"]}])["Volumes"]
+    assert len(volumes) == 1
+
