@@ -8,6 +8,9 @@ This process serves moto over HTTP as ``python -m moto.server`` does, and adds:
   ClientToken with the answer of the first call and creates nothing ("Ensuring idempotency in
   Amazon EC2 API requests"); moto ignores the token. The app relies on it when concurrent
   first starts race, so the local stack honours it.
+- atomic writes: DynamoDB applies a conditional write to one item atomically, and EC2 creates one
+  security group of a name per VPC; moto checks, then writes, so two calls at once could both
+  pass. Writes to DynamoDB and CreateSecurityGroup calls are served one at a time here.
 
     python -m devbox.fakeaws --port PORT        (loopback only)
     POST /_devbox/spot-interruption  {"instance_id": "i-..."}   -> 200 {"stopped": "i-..."}
@@ -39,6 +42,8 @@ def interrupt(instance_id: str, region: str) -> None:
 
 
 IDEMPOTENT_ACTIONS = ("RunInstances", "CreateVolume")
+SERIALIZED_EC2_ACTIONS = ("CreateSecurityGroup",)
+SERIALIZED_DYNAMODB = ("PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem")
 
 
 class SpotService:
@@ -49,6 +54,7 @@ class SpotService:
         self.region = region
         self.answers: Dict[Tuple[str, str], Tuple[str, List[Tuple[str, str]], bytes]] = {}
         self.lock = threading.Lock()
+        self.write_lock = threading.Lock()
 
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != INTERRUPT_PATH:
@@ -60,11 +66,16 @@ class SpotService:
     def _with_client_token(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
+        target = str(environ.get("HTTP_X_AMZ_TARGET", ""))
+        if target.startswith("DynamoDB_") and target.split(".")[-1] in SERIALIZED_DYNAMODB:
+            return self._one_at_a_time(environ, start_response)
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
         form = parse_qs(body.decode("utf-8", "replace"))
         action, token = form.get("Action", [""])[0], form.get("ClientToken", [""])[0]
+        if action in SERIALIZED_EC2_ACTIONS:
+            return self._one_at_a_time(environ, start_response)
         if action not in IDEMPOTENT_ACTIONS or not token:
             return self.app(environ, start_response)
         with self.lock:
@@ -83,6 +94,11 @@ class SpotService:
                     self.answers[(action, token)] = answer
         start_response(answer[0], answer[1])
         return [answer[2]]
+
+    def _one_at_a_time(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        with self.write_lock:
+            # The whole answer is produced under the lock: moto does its work while it is read.
+            return [b"".join(self.app(environ, start_response))]
 
     def _interrupt(self, environ: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
         if environ.get("REQUEST_METHOD") != "POST":

@@ -430,12 +430,14 @@ class LocalStack:
         return None
 
 
-def run_cli(stack: LocalStack, args: List[str], say: Callable[[str], None]) -> int:
-    """Run the real `devbox` command against the stack, echoing its output."""
+def run_cli(stack: LocalStack, args: List[str], say: Callable[[str], None],
+            identity: Optional[LocalIdentity] = None) -> int:
+    """Run the real `devbox` command against the stack (signed as identity, default the first), echoing its output."""
     command = [sys.executable, "-m", "devbox", *args]
-    say(f"$ devbox {' '.join(args)}")
+    who = f"[{identity.user_name}] " if identity else ""
+    say(f"{who}$ devbox {' '.join(args)}")
     try:
-        done = subprocess.run(command, env=stack.client_env(), capture_output=True, text=True, timeout=180)
+        done = subprocess.run(command, env=stack.client_env(identity), capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
         say("    (no answer within 180 s)")
         return 124
@@ -552,8 +554,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `devbox local`."""
     parser.add_argument("--demo", action="store_true",
                         help="walk the box through first start, stop/start, resize, spot recovery and stop, then exit")
+    parser.add_argument("--owners", type=_owner_count, default=0, metavar="N",
+                        help="a fleet (FLEET=true) with N local identities, each with its own box, plus an admin; "
+                        "with --demo, each owner's box is walked through start, status and stop")
     parser.add_argument("--port", type=int, default=0, help="port for the API (default: a free one)")
     parser.add_argument("--moto-port", type=int, default=0, help="port for the moto server (default: a free one)")
+
+
+def _serve(stack: LocalStack, say: Callable[[str], None]) -> int:
+    """Keep the stack up until Ctrl-C (KeyboardInterrupt) or until one of its processes exits (1)."""
+    while True:
+        time.sleep(1)
+        dead = stack.exited()
+        if dead is not None:
+            say(f"{dead.name} exited unexpectedly (code {dead.process.returncode}); its log: {dead.log}")
+            return 1
+
+
+def _owner_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 20:
+        raise argparse.ArgumentTypeError("--owners: 1 to 20")
+    return value
 
 
 def _interrupt(*_: Any) -> None:
@@ -568,15 +593,37 @@ def run(args: argparse.Namespace) -> int:
 
     # The logs outlive a failed run, so the message that names one can be followed.
     workdir = Path(tempfile.mkdtemp(prefix="devbox-local-"))
-    stack = LocalStack(workdir, say, api_port=args.port, moto_port=args.moto_port)
+    owners = getattr(args, "owners", 0)
+    identities: Sequence[LocalIdentity] = LOCAL_IDENTITIES
+    settings: Dict[str, str] = {}
+    if owners:
+        from devbox import fleetdemo
+
+        identities = fleetdemo.fleet_identities(owners)
+        settings = fleetdemo.fleet_settings(identities[-1])
+    stack = LocalStack(workdir, say, api_port=args.port, moto_port=args.moto_port, extra_app_env=settings,
+                       identities=identities)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     keep_logs = True
     try:
         stack.start()
         if args.demo:
-            code = demo(stack, say)
+            if owners:
+                from devbox import fleetdemo
+
+                code = fleetdemo.demo_fleet(stack, say, identities[:-1], identities[-1])
+            else:
+                code = demo(stack, say)
             keep_logs = code != 0
             return code
+        if owners:
+            from devbox import fleetdemo
+
+            say(f"\nThe local fleet is up: {owners} owner(s) and an admin ({fleetdemo.ADMIN_NAME}). Calls must be "
+                "SigV4-signed (service execute-api), as on AWS. In another terminal:")
+            fleetdemo.print_credentials(stack, say, identities)
+            say("Ctrl-C stops everything.")
+            return _serve(stack, say)
         signer = stack.identities[0]
         say("\nThe local devbox stack is up. Calls must be SigV4-signed (service execute-api), as on AWS.")
         say("In another terminal:")
@@ -584,12 +631,7 @@ def run(args: argparse.Namespace) -> int:
             f"AWS_SECRET_ACCESS_KEY={signer.secret_key} AWS_DEFAULT_REGION={REGION}")
         say("  devbox start --wait --no-ssh-probe && devbox status && devbox stop")
         say("Ctrl-C stops everything.")
-        while True:
-            time.sleep(1)
-            dead = stack.exited()
-            if dead is not None:
-                say(f"{dead.name} exited unexpectedly (code {dead.process.returncode}); its log: {dead.log}")
-                return 1
+        return _serve(stack, say)
     except KeyboardInterrupt:
         keep_logs = False
         say("\nstopping the local stack")

@@ -2,7 +2,7 @@
 
 On AWS, EventBridge calls on_running/on_stopped when an instance changes state; moto
 sends no events. This process polls the states of the box's instances (found by their
-devbox:box tag, as the app finds them) and, on each change, calls the app's handler with
+devbox:box tag, as the app finds them; with FLEET=true, every box of the fleet) and, on each change, calls the app's handler with
 the event EventBridge would send. It runs the app's own code, with the same environment
 `chalice local` has.
 
@@ -96,7 +96,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import boto3
 
     app = load_app(args.project_dir)
-    box_name = os.environ["BOX_NAME"]
+    # A fleet's boxes are <BOX_NAME>/<owner>: EC2's tag filter takes the wildcard.
+    fleet = os.environ.get("FLEET", "").strip().lower() in ("true", "yes", "1", "on")
+    box_name = os.environ["BOX_NAME"] + ("/*" if fleet else "")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     ec2 = boto3.client("ec2", region_name=region)
 
