@@ -181,6 +181,48 @@ class Devbox:
         return [r for r in sets if r["Type"] == "A"]
 
 
+ALICE = "arn:aws:iam::123456789012:user/alice"
+BOB = "arn:aws:iam::123456789012:user/bob"
+ADMIN = "arn:aws:iam::123456789012:user/ops/carol"
+TABLE = "devbox-boxes"
+
+
+class Fleet(Devbox):
+    """A fleet deployment in moto: the shared launch template, group and zone, and the claims table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ddb = boto3.client("dynamodb", region_name=REGION)
+        self.ddb.create_table(TableName=TABLE, AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+                              KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}], BillingMode="PAY_PER_REQUEST")
+
+    def env(self, **overrides: str) -> Dict[str, str]:
+        values = {"FLEET": "true", "BOXES_TABLE": TABLE, "ADMIN_OWNERS": ADMIN}
+        values.update(overrides)
+        return super().env(**values)
+
+    def group(self, slug: str) -> Dict[str, Any]:
+        found = self.ec2.describe_security_groups(
+            Filters=[{"Name": "tag:devbox:box", "Values": [f"{self.box}/{slug}"]}])["SecurityGroups"]
+        assert len(found) == 1, f"{slug} has {len(found)} groups"
+        return dict(found[0])
+
+    def groups(self) -> List[Dict[str, Any]]:
+        return list(self.ec2.describe_security_groups(
+            Filters=[{"Name": "tag:devbox:box", "Values": [f"{self.box}/*"]}])["SecurityGroups"])
+
+    def box_rules(self, slug: str) -> List[str]:
+        return sorted(r["IpRanges"][0]["CidrIp"] for r in self.group(slug)["IpPermissions"] if r.get("IpRanges"))
+
+    def box_instances(self, slug: str) -> List[Dict[str, Any]]:
+        return [i for r in self.ec2.describe_instances(Filters=[
+            {"Name": "tag:devbox:box", "Values": [f"{self.box}/{slug}"]}])["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] not in ("shutting-down", "terminated")]
+
+    def record_names(self) -> List[str]:
+        return sorted(r["Name"].rstrip(".") for r in self.a_records())
+
+
 @pytest.fixture
 def empty_box(moto: None) -> Devbox:
     """A deployment whose box was never started: no instance, no data volume."""

@@ -10,48 +10,8 @@ from chalice.test import Client
 
 from chalicelib import aws, fleet, fleet_service
 from chalicelib.config import Config
-from tests.conftest import DOMAIN, REGION, CallLog, Devbox, state_event
+from tests.conftest import ADMIN, ALICE, BOB, DOMAIN, TABLE, CallLog, Devbox, Fleet, state_event
 
-ALICE = "arn:aws:iam::123456789012:user/alice"
-BOB = "arn:aws:iam::123456789012:user/bob"
-ADMIN = "arn:aws:iam::123456789012:user/ops/carol"
-TABLE = "devbox-boxes"
-
-
-class Fleet(Devbox):
-    """A fleet deployment in moto: the shared launch template, group and zone, and the claims table."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ddb = boto3.client("dynamodb", region_name=REGION)
-        self.ddb.create_table(TableName=TABLE, AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-                              KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}], BillingMode="PAY_PER_REQUEST")
-
-    def env(self, **overrides: str) -> Dict[str, str]:
-        values = {"FLEET": "true", "BOXES_TABLE": TABLE, "ADMIN_OWNERS": ADMIN}
-        values.update(overrides)
-        return super().env(**values)
-
-    def group(self, slug: str) -> Dict[str, Any]:
-        found = self.ec2.describe_security_groups(
-            Filters=[{"Name": "tag:devbox:box", "Values": [f"{self.box}/{slug}"]}])["SecurityGroups"]
-        assert len(found) == 1, f"{slug} has {len(found)} groups"
-        return dict(found[0])
-
-    def groups(self) -> List[Dict[str, Any]]:
-        return list(self.ec2.describe_security_groups(
-            Filters=[{"Name": "tag:devbox:box", "Values": [f"{self.box}/*"]}])["SecurityGroups"])
-
-    def box_rules(self, slug: str) -> List[str]:
-        return sorted(r["IpRanges"][0]["CidrIp"] for r in self.group(slug)["IpPermissions"] if r.get("IpRanges"))
-
-    def box_instances(self, slug: str) -> List[Dict[str, Any]]:
-        return [i for r in self.ec2.describe_instances(Filters=[
-            {"Name": "tag:devbox:box", "Values": [f"{self.box}/{slug}"]}])["Reservations"] for i in r["Instances"]
-            if i["State"]["Name"] not in ("shutting-down", "terminated")]
-
-    def record_names(self) -> List[str]:
-        return sorted(r["Name"].rstrip(".") for r in self.a_records())
 
 
 @pytest.fixture
@@ -426,3 +386,15 @@ def test_one_owners_8_first_starts_at_once_give_one_box(team: Fleet, atomic_writ
                                                  {"Name": "tag:devbox:role", "Values": ["data"]}])["Volumes"]
     assert len(volumes) == 1
 
+
+
+def test_listing_the_boxes_makes_three_reads_whatever_the_fleets_size(team: Fleet, app_client: Client,
+                                                                    caller: Callable[..., None],
+                                                                    fleet_calls: CallLog):
+    for n in range(4):
+        caller(f"arn:aws:iam::123456789012:user/dev{n}")
+        app_client.http.post("/start")
+    caller(ADMIN)
+    fleet_calls.reset()
+    assert app_client.http.get("/boxes").json_body["count"] == 4
+    assert sorted(fleet_calls.made) == ["DescribeInstances", "DescribeSecurityGroups", "Scan"]
