@@ -14,9 +14,11 @@ Guide), so starts at once can neither pass the limit nor give one slug to two ow
 """
 import fnmatch
 import hashlib
+import hmac
 import re
+import secrets
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -85,20 +87,24 @@ def matches(patterns: Sequence[str], owner: str) -> bool:
     return any(fnmatch.fnmatchcase(owner, pattern) for pattern in patterns)
 
 
-def slug_of(owner: str, hashed: bool = False) -> str:
+def slug_of(owner: str, key: Optional[str] = None) -> str:
     """The DNS-safe name of the owner's box: lower case, at most 40 characters.
 
     The readable part is the user name, the role session name (or the role with OWNER_KEY=role).
-    A short hash of the whole identity is added when the name had to be cut, or (``hashed``)
-    when another owner's box holds the plain one.
+    A short hash of the whole identity is added when the name had to be cut; with ``key`` (the
+    fleet's secret salt, when another owner holds the plain name) the hash is keyed, so nobody
+    who can pick a session name can take both names of a victim in advance.
     """
     tail = owner.split(":", 5)[-1]
     assumed = _ASSUMED_ROLE.match(owner)
     readable = assumed["session"] if assumed else tail.rsplit("/", 1)[-1]
     plain = re.sub(r"[^a-z0-9]+", "-", readable.lower()).strip("-") or "box"
-    if len(plain) <= SLUG_LIMIT and not hashed:
+    if len(plain) <= SLUG_LIMIT and key is None:
         return plain
-    digest = hashlib.sha256(owner.encode()).hexdigest()[:_HASH_LENGTH]
+    if key is None:
+        digest = hashlib.sha256(owner.encode()).hexdigest()[:_HASH_LENGTH]
+    else:
+        digest = hmac.new(key.encode(), owner.encode(), hashlib.sha256).hexdigest()[:_HASH_LENGTH]
     return f"{plain[:SLUG_LIMIT - _HASH_LENGTH - 1].rstrip('-')}-{digest}"
 
 
@@ -131,12 +137,27 @@ def _fleet_box(config: Config, group: Mapping[str, Any]) -> FleetBox:
 # --- security groups: one per box, found by tag --------------------------------------------
 
 
+def literal(value: str) -> str:
+    """A filter value that matches exactly this text: EC2 reads * and ? in filter values as wildcards and \\ as
+    their escape ("Filter your resources", EC2 User Guide); an IAM user's path may hold any of them."""
+    return value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
+
+
+def fleet_filter(config: Config) -> str:
+    """The filter value of every box of this fleet: its name, escaped, then the wildcard."""
+    return f"{literal(config.box_name)}/*"
+
+
 def find_groups(ec2: EC2Client, config: Config, owner: Optional[str] = None,
                 slug: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The fleet's box groups (with their inbound permissions), by owner, by name, or all (one call, paged)."""
-    filters = [{"Name": f"tag:{box.BOX_TAG}", "Values": [box_tag(config, slug) if slug else f"{config.box_name}/*"]}]
+    """The fleet's box groups (with their inbound permissions), by owner, by name, or all (one call, paged).
+
+    By owner, only groups whose owner tag is exactly the owner are returned, whatever EC2's filter matched.
+    """
+    name = literal(box_tag(config, slug)) if slug else fleet_filter(config)
+    filters = [{"Name": f"tag:{box.BOX_TAG}", "Values": [name]}]
     if owner is not None:
-        filters.append({"Name": f"tag:{OWNER_TAG}", "Values": [owner]})
+        filters.append({"Name": f"tag:{OWNER_TAG}", "Values": [literal(owner)]})
     kwargs: Dict[str, Any] = {"Filters": filters, "MaxResults": 1000}
     found: List[Dict[str, Any]] = []
     try:
@@ -145,7 +166,7 @@ def find_groups(ec2: EC2Client, config: Config, owner: Optional[str] = None,
             found.extend(page.get("SecurityGroups", []))
             token = page.get("NextToken")
             if not token:
-                return found
+                return [g for g in found if owner is None or _fleet_box(config, g).owner == owner]
             kwargs["NextToken"] = token
     except (ClientError, BotoCoreError) as err:
         raise aws_failure(err, "find the fleet's security groups") from err
@@ -184,7 +205,9 @@ def create_group(ec2: EC2Client, config: Config, slug: str, owner: str) -> str:
             vpc = ec2.describe_security_groups(GroupIds=[config.security_group_id])["SecurityGroups"][0].get("VpcId")
         except (ClientError, BotoCoreError) as err:
             raise aws_failure(err, "read the deployment's security group (for its VPC)") from err
-    name = f"{config.box_name}-{slug}"
+    # Group names allow ":" and "/" (not a leading "sg-"); the box tag's "/" keeps names of two
+    # fleets apart (dev + box-alice, dev-box + alice).
+    name = f"devbox:{box_tag(config, slug)}"
     tags = [{"Key": box.BOX_TAG, "Value": box_tag(config, slug)}, {"Key": OWNER_TAG, "Value": owner},
             {"Key": "Name", "Value": name}]
     try:
@@ -206,24 +229,25 @@ def create_group(ec2: EC2Client, config: Config, slug: str, owner: str) -> str:
 # --- claims: the fleet's slugs and their owners, in one DynamoDB item ------------------------
 
 
-def claim(ddb: DynamoDBClient, config: Config, slug: str, owner: str) -> bool:
-    """Claim the slug for the owner within MAX_BOXES; False when another owner holds it.
+def claim(ddb: DynamoDBClient, config: Config, slug: str, owner: str) -> Optional[Dict[str, Any]]:
+    """Claim the slug for the owner within MAX_BOXES: None when claimed; the claims item when another owner holds it.
 
     Idempotent: the owner's own claim succeeds again (a string set holds the slug once), so
-    an owner's starts at once all pass. Past MAX_BOXES: 409.
+    an owner's starts at once all pass. Past MAX_BOXES: 409. The first claim also sets the
+    fleet's secret salt (for keyed names after a collision).
     """
     assert config.boxes_table
     try:
         ddb.update_item(
             TableName=config.boxes_table, Key={"id": {"S": FLEET_ITEM}},
-            UpdateExpression="ADD boxes :slugs SET #owner = :owner",
+            UpdateExpression="ADD boxes :slugs SET #owner = :owner, salt = if_not_exists(salt, :salt)",
             ConditionExpression="(attribute_not_exists(#owner) OR #owner = :owner) AND "
                                 "(attribute_not_exists(boxes) OR contains(boxes, :slug) OR size(boxes) < :max)",
             ExpressionAttributeNames={"#owner": f"owner:{slug}"},
             ExpressionAttributeValues={":slugs": {"SS": [slug]}, ":slug": {"S": slug}, ":owner": {"S": owner},
-                                       ":max": {"N": str(config.max_boxes)}},
+                                       ":max": {"N": str(config.max_boxes)}, ":salt": {"S": secrets.token_hex(16)}},
         )
-        return True
+        return None
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
             raise aws_failure(err, "claim a box in the fleet's table") from err
@@ -232,7 +256,7 @@ def claim(ddb: DynamoDBClient, config: Config, slug: str, owner: str) -> bool:
     item = read_claims(ddb, config)
     holder = item.get(f"owner:{slug}", {}).get("S")
     if holder is not None and holder != owner:
-        return False
+        return item
     raise FleetFullError(f"the fleet holds its limit of {config.max_boxes} boxes (MAX_BOXES); "
                          "an admin can remove a box (`devbox destroy --box NAME`) or raise MAX_BOXES")
 
@@ -250,9 +274,11 @@ def read_claims(ddb: DynamoDBClient, config: Config) -> Dict[str, Any]:
 def claim_box(ec2: EC2Client, ddb: DynamoDBClient, config: Config, owner: str) -> FleetBox:
     """The owner's first start: claim a slug (the plain one, else the hashed one), then create the group."""
     slug = slug_of(owner)
-    if not claim(ddb, config, slug, owner):
-        slug = slug_of(owner, hashed=True)
-        if not claim(ddb, config, slug, owner):
+    taken = claim(ddb, config, slug, owner)
+    if taken is not None:
+        salt = taken.get("salt", {}).get("S") or ""
+        slug = slug_of(owner, key=salt)
+        if claim(ddb, config, slug, owner) is not None:
             raise UpstreamError("the box names derived from this identity are both held by other owners")
     group_id = create_group(ec2, config, slug, owner)
     return FleetBox(slug, box_tag(config, slug), owner, group_id, scoped(config, slug, group_id))
@@ -265,17 +291,38 @@ def month_key(when: datetime) -> str:
     return f"cost:{when.strftime('%Y-%m')}"
 
 
-def add_session_cost(ddb: DynamoDBClient, config: Config, slug: str, session: str, cost: float,
-                     when: datetime) -> bool:
-    """Add a stopped session's estimated cost to the box's month; a repeated event adds nothing."""
+def month_start(when: datetime) -> datetime:
+    return when.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def split_by_month(start: datetime, end: datetime, price: float) -> Dict[str, float]:
+    """A session's cost (price per hour from start to end) by the months it ran in."""
+    costs: Dict[str, float] = {}
+    while start < end:
+        following = (month_start(start) + timedelta(days=32)).replace(day=1)
+        until = min(end, following)
+        costs[month_key(start)] = round(costs.get(month_key(start), 0.0) + price * (until - start).total_seconds()
+                                        / 3600, 6)
+        start = until
+    return costs
+
+
+def add_session_cost(ddb: DynamoDBClient, config: Config, slug: str, session: str,
+                     costs: Mapping[str, float]) -> bool:
+    """Add a stopped session's estimated cost to each month it ran in; a repeated event adds nothing."""
     assert config.boxes_table
+    if not costs:
+        return False
+    names = {f"#m{n}": key for n, key in enumerate(sorted(costs))}
+    values: Dict[str, Any] = {f":c{n}": {"N": f"{costs[key]:.6f}"} for n, key in enumerate(sorted(costs))}
+    values[":session"] = {"S": session}
     try:
         ddb.update_item(
             TableName=config.boxes_table, Key={"id": {"S": f"box:{slug}"}},
-            UpdateExpression="ADD #month :cost SET last_session = :session",
+            UpdateExpression="ADD " + ", ".join(f"#m{n} :c{n}" for n in range(len(costs)))
+                             + " SET last_session = :session",
             ConditionExpression="attribute_not_exists(last_session) OR last_session <> :session",
-            ExpressionAttributeNames={"#month": month_key(when)},
-            ExpressionAttributeValues={":cost": {"N": f"{cost:.6f}"}, ":session": {"S": session}},
+            ExpressionAttributeNames=names, ExpressionAttributeValues=values,
         )
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
@@ -286,10 +333,19 @@ def add_session_cost(ddb: DynamoDBClient, config: Config, slug: str, session: st
     return True
 
 
-def month_costs(ddb: DynamoDBClient, config: Config, when: datetime) -> Dict[str, float]:
-    """Each box's recorded cost this month, by slug (one Scan; the table holds an item per box)."""
+@dataclass(frozen=True)
+class Ledger:
+    """The table read whole: each box's recorded cost this month, and the claimed names with their owners."""
+
+    costs: Dict[str, float]
+    claims: Dict[str, str]
+
+
+def read_ledger(ddb: DynamoDBClient, config: Config, when: datetime) -> Ledger:
+    """One Scan (paged): the table holds the claims item and an item per box."""
     assert config.boxes_table
     costs: Dict[str, float] = {}
+    claims: Dict[str, str] = {}
     kwargs: Dict[str, Any] = {"TableName": config.boxes_table}
     key = month_key(when)
     try:
@@ -299,11 +355,14 @@ def month_costs(ddb: DynamoDBClient, config: Config, when: datetime) -> Dict[str
                 name = item.get("id", {}).get("S", "")
                 if name.startswith("box:") and key in item:
                     costs[name[4:]] = float(item[key]["N"])
+                elif name == FLEET_ITEM:
+                    claims = {slug: item.get(f"owner:{slug}", {}).get("S", "")
+                              for slug in item.get("boxes", {}).get("SS", [])}
             if not page.get("LastEvaluatedKey"):
-                return costs
+                return Ledger(costs, claims)
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     except (ClientError, BotoCoreError) as err:
-        raise aws_failure(err, "read the fleet's costs") from err
+        raise aws_failure(err, "read the fleet's table") from err
 
 
 def instance_box(config: Config, found: Mapping[str, Any]) -> Optional[str]:
@@ -349,7 +408,7 @@ def groups_by_slug(config: Config, groups: Sequence[Mapping[str, Any]]) -> Dict[
 
 def fleet_instances(ec2: EC2Client, config: Config) -> Dict[str, Tuple[Dict[str, Any], ...]]:
     """Every instance of the fleet's boxes, by slug (one DescribeInstances, paged)."""
-    view = box.describe_box(ec2, f"{config.box_name}/*")
+    view = box.describe_box(ec2, fleet_filter(config))
     by_slug: Dict[str, List[Dict[str, Any]]] = {}
     for found in view.instances:
         slug = instance_box(config, found)

@@ -28,8 +28,9 @@ def _labelled(doc: Dict[str, Any], item: fleet.FleetBox) -> Dict[str, Any]:
 def status(ec2: Any, config: Config, owner: str) -> Dict[str, Any]:
     """The caller's box: its group and its instances, both found by the owner tag, read side by side (2 calls)."""
     fleet.check_allowed(config, owner)
-    groups, view = service._side_by_side(lambda: fleet.find_groups(ec2, config, owner=owner),
-                                         lambda: box.describe_box(ec2, f"{config.box_name}/*", owner=owner))
+    groups, view = service._side_by_side(
+        lambda: fleet.find_groups(ec2, config, owner=owner),
+        lambda: box.describe_box(ec2, fleet.fleet_filter(config), owner=fleet.literal(owner)))
     item = fleet.one_box(config, groups)
     if item is None:
         # No box yet: what the first start will create.
@@ -37,7 +38,8 @@ def status(ec2: Any, config: Config, owner: str) -> Dict[str, Any]:
         doc.update(box=fleet.slug_of(owner), owner=owner, dns_name=None)
         return doc
     group = next(g for g in groups if g["GroupId"] == item.group_id)
-    mine = box.BoxView(item.tag, tuple(i for i in view.instances if fleet.instance_box(config, i) == item.slug))
+    mine = box.BoxView(item.tag, tuple(i for i in view.instances if fleet.instance_box(config, i) == item.slug
+                                       and instance.tag_value(i, fleet.OWNER_TAG) == owner))
     return _labelled(service.status_of(ec2, item.config, item.tag, mine, fleet.rules_of(group)), item)
 
 
@@ -81,9 +83,16 @@ def _named(ec2: Any, config: Config, caller: str, slug: str) -> fleet.FleetBox:
     return item
 
 
+def _as_seen_by(doc: Dict[str, Any], item: fleet.FleetBox, caller: str) -> Dict[str, Any]:
+    """An admin sees another's box without its owner's addresses."""
+    if item.owner != caller:
+        doc["allowed_ips"] = []
+    return doc
+
+
 def box_status(ec2: Any, config: Config, caller: str, slug: str) -> Dict[str, Any]:
     item = _named(ec2, config, caller, slug)
-    return _labelled(service.get_status(ec2, item.config, item.tag), item)
+    return _as_seen_by(_labelled(service.get_status(ec2, item.config, item.tag), item), item, caller)
 
 
 def box_stop(ec2: Any, config: Config, caller: str, slug: str) -> Dict[str, Any]:
@@ -92,7 +101,7 @@ def box_stop(ec2: Any, config: Config, caller: str, slug: str) -> Dict[str, Any]
     doc = _labelled(service.stop(ec2, item.config, item.tag), item)
     if item.owner != caller:
         log.info("%s: admin %s stopped the box of %s", item.slug, caller, item.owner)
-    return doc
+    return _as_seen_by(doc, item, caller)
 
 
 def list_boxes(ec2: Any, ddb: Any, config: Config, caller: str, now: Optional[datetime] = None) -> Dict[str, Any]:
@@ -100,24 +109,31 @@ def list_boxes(ec2: Any, ddb: Any, config: Config, caller: str, now: Optional[da
     if not fleet.is_admin(config, caller):
         raise ForbiddenError("only the deployment's admins (ADMIN_OWNERS) may list the fleet's boxes")
     now = now or _now()
-    (groups, instances), costs = service._side_by_side(
+    (groups, instances), ledger = service._side_by_side(
         lambda: service._side_by_side(lambda: fleet.find_groups(ec2, config),
                                       lambda: fleet.fleet_instances(ec2, config)),
-        lambda: fleet.month_costs(ddb, config, now))
+        lambda: fleet.read_ledger(ddb, config, now))
+    by_slug = fleet.groups_by_slug(config, groups)
     boxes: List[Dict[str, Any]] = []
-    for slug, item in sorted(fleet.groups_by_slug(config, groups).items()):
-        current = box.BoxView(item.tag, instances.get(slug, ())).current
+    # Every claimed name counts against MAX_BOXES, with or without a group (a first start cut off
+    # before it created one), so every claim is listed.
+    for slug in sorted(set(by_slug) | set(ledger.claims)):
+        item = by_slug.get(slug)
+        scoped = item.config if item else fleet.scoped(config, slug, config.security_group_id)
+        current = box.BoxView(fleet.box_tag(config, slug), instances.get(slug, ())).current
         state = instance.state_of(current) if current else "none"
-        doc = instance.status_document(item.tag, current, item.config, [], state=state)
+        doc = instance.status_document(fleet.box_tag(config, slug), current, scoped, [], state=state)
         session = cost.cost_fields(current or {}, state, now)
-        recorded = costs.get(slug)
-        month: Optional[float] = None
-        if recorded is not None or session["estimated_cost"] is not None:
-            month = round((recorded or 0.0) + (session["estimated_cost"] or 0.0), 4)
+        month = ledger.costs.get(slug)
+        price, launched = session["spot_price_per_hour"], (current or {}).get("LaunchTime")
+        if price is not None and isinstance(launched, datetime) and session["uptime_seconds"] is not None:
+            # Only the part of the running session that fell in this month.
+            month = (month or 0.0) + fleet.split_by_month(launched, now, price).get(fleet.month_key(now), 0.0)
         boxes.append({
-            "box": slug, "owner": item.owner, "state": state, "instance_type": doc["instance_type"],
-            "market": doc["market"], "launch_time": doc["launch_time"], "uptime_seconds": session["uptime_seconds"],
-            "dns_name": doc["dns_name"], "cost_this_month_usd": month,
+            "box": slug, "owner": item.owner if item else ledger.claims.get(slug, ""), "state": state,
+            "instance_type": doc["instance_type"], "market": doc["market"], "launch_time": doc["launch_time"],
+            "uptime_seconds": session["uptime_seconds"], "dns_name": doc["dns_name"],
+            "cost_this_month_usd": round(month, 4) if month is not None else None,
         })
     return {"boxes": boxes, "count": len(boxes), "max_boxes": config.max_boxes}
 
@@ -148,13 +164,15 @@ def on_stopped(clients: Clients, config: Config, instance_id: Optional[str], eve
         return why
     done = service.on_stopped(clients, item.config, item.tag, instance_id, event_time)
     when = event_time or _now()
-    session_cost = cost.cost_fields(found, "running", when)["estimated_cost"]
-    if session_cost is not None and not done.startswith("ignored"):
-        launched = found.get("LaunchTime")
-        session = f"{instance_id}@{launched.isoformat() if isinstance(launched, datetime) else launched}"
+    price = cost.cost_fields(found, "running", when)["spot_price_per_hour"]
+    launched = found.get("LaunchTime")
+    if price is not None and isinstance(launched, datetime) and not done.startswith("ignored"):
+        # Each month gets the part of the session that ran in it.
+        costs = fleet.split_by_month(launched, when, price)
+        session = f"{instance_id}@{launched.isoformat()}"
         try:
-            if fleet.add_session_cost(clients("dynamodb"), config, item.slug, session, session_cost, when):
-                done += f"; session cost {session_cost} recorded"
+            if fleet.add_session_cost(clients("dynamodb"), config, item.slug, session, costs):
+                done += f"; session cost {round(sum(costs.values()), 4)} recorded"
         except DevboxError as err:
             # The cost only feeds /boxes: access and DNS are done, the event must not be retried for it.
             log.warning("%s: session cost not recorded: %s", item.slug, err.message)

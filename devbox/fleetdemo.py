@@ -105,12 +105,21 @@ def demo_fleet(stack: LocalStack, say: Callable[[str], None], owners: Sequence[L
         status = _json_of(stack, ["status", "--json"], owner)
         step(status.get("box") == slug and status.get("owner") == owner.user_arn and status.get("state") == "running",
              f"{slug}: devbox status names its own box, running")
+    def refused(args: List[str], identity: LocalIdentity, status: str) -> bool:
+        said: List[str] = []
+
+        def both(text: str) -> None:
+            said.append(text)
+            say(text)
+
+        return run_cli(stack, args, both, identity) != 0 and any(f"HTTP {status}" in line for line in said)
+
     if len(owners) > 1:
         first, second = owners[0], slugs[1]
-        step(run_cli(stack, ["stop", "--box", second], say, first) != 0,
+        step(refused(["stop", "--box", second], first, "404"),
              f"{slugs[0]} may not stop {second}'s box (404, as for a box that does not exist)")
         step(view.state(second) == "running", f"{second}'s box is still running")
-        step(run_cli(stack, ["boxes"], say, first) != 0, f"{slugs[0]} is no admin: devbox boxes is refused (403)")
+        step(refused(["boxes"], first, "403"), f"{slugs[0]} is no admin: devbox boxes is refused (403)")
 
     say("\n3. the admin lists every box")
     listed = _json_of(stack, ["boxes", "--json"], admin)

@@ -212,7 +212,8 @@ class Fleet(Devbox):
             Filters=[{"Name": "tag:devbox:box", "Values": [f"{self.box}/*"]}])["SecurityGroups"])
 
     def box_rules(self, slug: str) -> List[str]:
-        return sorted(r["IpRanges"][0]["CidrIp"] for r in self.group(slug)["IpPermissions"] if r.get("IpRanges"))
+        # Every address of every permission (moto merges addresses on one port into one permission).
+        return sorted(r["CidrIp"] for p in self.group(slug)["IpPermissions"] for r in p.get("IpRanges", []))
 
     def box_instances(self, slug: str) -> List[Dict[str, Any]]:
         return [i for r in self.ec2.describe_instances(Filters=[

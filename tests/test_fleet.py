@@ -202,7 +202,8 @@ def test_a_stopped_session_adds_its_cost_to_the_month_once(team: Fleet, app_clie
     app_client.lambda_.invoke("on_stopped", event)
     app_client.lambda_.invoke("on_stopped", event)  # EventBridge may deliver twice
     item = team.ddb.get_item(TableName=TABLE, Key={"id": {"S": "box:alice"}})["Item"]
-    assert float(item[fleet.month_key(launched + timedelta(hours=2))]["N"]) == pytest.approx(0.2, abs=0.001)
+    recorded = sum(float(v["N"]) for k, v in item.items() if k.startswith("cost:"))
+    assert recorded == pytest.approx(0.2, abs=0.001)
     caller(ADMIN)
     row = app_client.http.get("/boxes").json_body["boxes"][0]
     if (launched + timedelta(hours=2)).month == datetime.now(timezone.utc).month:
@@ -221,7 +222,7 @@ def test_past_max_boxes_a_new_owner_gets_409_and_nothing_is_created(team: Fleet,
     answer = client.http.post("/start")
     assert answer.status_code == 409
     assert "MAX_BOXES" in answer.json_body["Message"] and "1 box" in answer.json_body["Message"]
-    assert [g["GroupName"] for g in team.groups()] == [f"{team.box}-alice"]
+    assert [g["GroupName"] for g in team.groups()] == [f"devbox:{team.box}/alice"]
     # The owner who has a box keeps using it.
     caller(ALICE)
     assert client.http.post("/start").status_code == 200
@@ -371,7 +372,7 @@ def test_21_owners_at_once_with_max_boxes_20_get_20_boxes_and_one_409(team: Flee
     assert len(refused) == 1 and getattr(refused[0], "status_code", None) == 409, refused
     assert len(team.groups()) == 20
     started = [r["box"] for r in results if isinstance(r, dict)]
-    assert sorted(started) == sorted(g["GroupName"].split("-", 1)[1] for g in team.groups())
+    assert sorted(started) == sorted(g["GroupName"].rsplit("/", 1)[1] for g in team.groups())
     assert all(len(team.box_instances(slug)) == 1 for slug in started)
 
 
@@ -398,3 +399,86 @@ def test_listing_the_boxes_makes_three_reads_whatever_the_fleets_size(team: Flee
     fleet_calls.reset()
     assert app_client.http.get("/boxes").json_body["count"] == 4
     assert sorted(fleet_calls.made) == ["DescribeInstances", "DescribeSecurityGroups", "Scan"]
+
+
+def test_a_session_across_a_month_end_is_split_between_the_months():
+    start = datetime(2026, 11, 30, 23, 0, tzinfo=timezone.utc)
+    assert fleet.split_by_month(start, start + timedelta(hours=3), 0.5) == {"cost:2026-11": 0.5, "cost:2026-12": 1.0}
+    assert fleet.split_by_month(start, start, 0.5) == {}
+
+
+def test_an_identity_with_filter_wildcards_gets_its_own_box_not_the_one_it_matches(
+        team: Fleet, app_client: Client, caller: Callable[..., None]):
+    # An IAM user's path may hold * and ?, which EC2 reads as wildcards in filter values.
+    victim, prober = "arn:aws:iam::123456789012:user/old/x", "arn:aws:iam::123456789012:user/?ld/x"
+    caller(victim, "203.0.113.10")
+    app_client.http.post("/start")
+    caller(prober, "198.51.100.66")
+    status = app_client.http.get("/status").json_body
+    assert status["owner"] == prober and status["state"] == "none"
+    started = app_client.http.post("/start").json_body
+    assert started["owner"] == prober and started["box"] != "x"
+    assert "198.51.100.66/32" not in team.box_rules("x")
+
+
+def test_a_colliding_name_gets_a_suffix_nobody_can_compute_from_the_identity(team: Fleet, app_client: Client,
+                                                                           caller: Callable[..., None]):
+    import hashlib
+
+    other_alice = "arn:aws:sts::123456789012:assumed-role/Contractors/alice"
+    caller(ALICE)
+    app_client.http.post("/start")
+    caller(other_alice, "198.51.100.7")
+    box = app_client.http.post("/start").json_body["box"]
+    assert box.startswith("alice-") and box != "alice-" + hashlib.sha256(other_alice.encode()).hexdigest()[:8]
+    # The same owner keeps that name.
+    assert app_client.http.post("/start").json_body["box"] == box
+
+
+def test_an_admin_sees_another_owners_box_without_their_addresses(team: Fleet, app_client: Client,
+                                                                  caller: Callable[..., None]):
+    caller(ALICE, "203.0.113.10")
+    app_client.http.post("/start")
+    assert app_client.http.get("/boxes/alice").json_body["allowed_ips"] == ["203.0.113.10/32"]
+    caller(ADMIN, "192.0.2.50")
+    seen = app_client.http.get("/boxes/alice").json_body
+    assert (seen["box"], seen["owner"], seen["allowed_ips"]) == ("alice", ALICE, [])
+
+
+def test_housekeeping_prunes_each_boxs_expired_rules_and_no_others(team: Fleet, app_client: Client,
+                                                                    caller: Callable[..., None]):
+    caller(ALICE, "203.0.113.10")
+    app_client.http.post("/start")
+    caller(BOB, "198.51.100.20")
+    app_client.http.post("/start")
+    old = (datetime.now(timezone.utc) - timedelta(hours=13)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    team.ec2.authorize_security_group_ingress(GroupId=team.group("alice")["GroupId"], IpPermissions=[
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+         "IpRanges": [{"CidrIp": "192.0.2.9/32", "Description": f"devbox-access for=192.0.2.9 at={old}"}]}])
+    event = app_client.events.generate_cw_event(source="aws.events", detail_type="Scheduled Event", detail={},
+                                                resources=[], region="us-east-1")
+    app_client.lambda_.invoke("housekeeping", event)
+    assert team.box_rules("alice") == ["203.0.113.10/32", "203.0.113.10/32"]
+    assert team.box_rules("bob") == ["198.51.100.20/32", "198.51.100.20/32"]
+
+
+def test_a_claim_without_a_group_is_listed_and_counts(team: Fleet, app_client: Client, caller: Callable[..., None]):
+    # A first start cut off after its claim, before it created the box's group.
+    fleet.claim(aws.client("dynamodb"), Config.from_env(team.env()), "ghost", "arn:aws:iam::123456789012:user/ghost")
+    caller(ADMIN)
+    listed = app_client.http.get("/boxes").json_body
+    assert [(b["box"], b["state"], b["owner"]) for b in listed["boxes"]] == [
+        ("ghost", "none", "arn:aws:iam::123456789012:user/ghost")]
+    assert listed["count"] == 1
+
+
+def test_owner_key_role_gives_every_session_of_a_role_one_box(team: Fleet, make_client: Callable[..., Client],
+                                                              caller: Callable[..., None]):
+    client = make_client(team.env(OWNER_KEY="role"))
+    caller("arn:aws:sts::123456789012:assumed-role/Dev/alice", "203.0.113.10")
+    first = client.http.post("/start").json_body
+    caller("arn:aws:sts::123456789012:assumed-role/Dev/bob", "198.51.100.20")
+    second = client.http.post("/start").json_body
+    assert first["box"] == second["box"] == "dev"
+    assert first["owner"] == second["owner"] == "arn:aws:sts::123456789012:assumed-role/Dev"
+    assert len(team.box_instances("dev")) == 1
