@@ -173,14 +173,15 @@ def snapshot_volume(
     description: Optional[str] = None,
     wait: bool = True,
     waiter_config: Optional[Mapping[str, int]] = None,
+    tags: Optional[Mapping[str, str]] = None,
 ) -> str:
-    """Snapshot a volume, tagged with the box (and devbox:role=data), and wait until it completes; returns its id."""
+    """Snapshot a volume, tagged with the box (and devbox:role=data, plus any tags given), and wait until it completes; returns its id."""
     snapshot = ec2.create_snapshot(
         VolumeId=volume_id,
         Description=description or f"devbox {box_name}: data volume {volume_id}",
         TagSpecifications=[{
             "ResourceType": "snapshot",
-            "Tags": box_tags(box_name, **{ROLE_TAG: DATA_ROLE, "Name": box_name}),
+            "Tags": box_tags(box_name, **{ROLE_TAG: DATA_ROLE, "Name": box_name, **(tags or {})}),
         }],
     )
     snapshot_id = str(snapshot["SnapshotId"])
@@ -213,19 +214,24 @@ def bare_zone_id(zone_id: str) -> str:
     return zone_id.rsplit("/", 1)[-1]
 
 
-def delete_address_record(route53: Route53Client, zone_id: str, name: str, *, comment: str = "devbox") -> bool:
-    """Delete the A record(s) of a name in a zone, exactly as Route53 holds them; returns whether one existed."""
-    zone_id = bare_zone_id(zone_id)
+def find_address_records(route53: Route53Client, zone_id: str, name: str) -> List[Dict[str, Any]]:
+    """The A record(s) of a name in a zone, exactly as Route53 holds them."""
     wanted = _normal_name(name)
     # Record sets come sorted by name then type, so the page starting at (name, A) holds them.
     page = route53.list_resource_record_sets(
-        HostedZoneId=zone_id, StartRecordName=name, StartRecordType="A", MaxItems="10"
+        HostedZoneId=bare_zone_id(zone_id), StartRecordName=name, StartRecordType="A", MaxItems="10"
     )
-    records = [
-        record
+    return [
+        dict(record)
         for record in page.get("ResourceRecordSets", [])
         if record["Type"] == "A" and _normal_name(record["Name"]) == wanted
     ]
+
+
+def delete_address_record(route53: Route53Client, zone_id: str, name: str, *, comment: str = "devbox") -> bool:
+    """Delete the A record(s) of a name in a zone, exactly as Route53 holds them; returns whether one existed."""
+    zone_id = bare_zone_id(zone_id)
+    records = find_address_records(route53, zone_id, name)
     if not records:
         return False
     # DELETE must repeat the record exactly as Route53 holds it (TTL, values, any routing fields).
