@@ -64,8 +64,10 @@ Handler = Callable[[argparse.Namespace], int]
 # Commands implemented in other modules: (module, function adding its arguments, function running it, help).
 DELEGATED = {
     "local": ("devbox.local", "add_arguments", "run", "run the devbox service locally (chalice local + moto)"),
-    "deploy": ("devbox.deploy", "add_deploy_arguments", "run_deploy", "deploy the devbox stack and API"),
-    "destroy": ("devbox.deploy", "add_destroy_arguments", "run_destroy", "remove the devbox stack and API"),
+    "deploy": ("devbox.deploy", "add_deploy_arguments", "run_deploy",
+               "deploy the devbox stack and API (--fleet: a box per IAM identity)"),
+    "destroy": ("devbox.deploy", "add_destroy_arguments", "run_destroy",
+                "remove the devbox stack and API (--box NAME: one box of a fleet)"),
 }
 _COMMON_WITH_VALUE = ("--profile", "--region", "--url", "--stage")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")

@@ -249,8 +249,12 @@ def record_stack(
     project_dir: "str | os.PathLike[str]",
     stage: str = "dev",
     region: Optional[str] = None,
+    ec2_client: Any = None,
 ) -> Dict[str, str]:
-    """Write the stack's outputs into the stage's env vars and its policy file; returns the env vars."""
+    """Write the stack's outputs into the stage's env vars and its policy file; returns the env vars.
+
+    ``ec2_client`` (same session as ``cfn_client``) is asked for the group's VPC when the stage is a fleet.
+    """
     stack = describe_stack(cfn_client, stack_name)
     if stack is None:
         raise StackError(f"the stack {stack_name} does not exist in this region; deploy it first")
@@ -276,7 +280,7 @@ def record_stack(
     fleet = _truthy(settings.get("FLEET", ""))
     if fleet:
         # The fleet's per-box groups go in the VPC of the stack's group; the policy names that VPC.
-        env["VPC_ID"] = group_vpc(cfn_client, env["SECURITY_GROUP_ID"])
+        env["VPC_ID"] = group_vpc(ec2_client or _ec2_like(cfn_client), env["SECURITY_GROUP_ID"])
     policy = build_policy(
         partition=partition,
         region=region or arn_region,
@@ -332,8 +336,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import boto3
 
     try:
-        cfn = boto3.session.Session(profile_name=args.profile, region_name=args.region).client("cloudformation")
-        env = record_stack(cfn, args.stack_name, args.project_dir, stage=args.stage)
+        session = boto3.session.Session(profile_name=args.profile, region_name=args.region)
+        env = record_stack(session.client("cloudformation"), args.stack_name, args.project_dir, stage=args.stage,
+                           ec2_client=session.client("ec2"))
     except (StackError, ClientError, BotoCoreError, OSError, ValueError) as err:
         print(f"devbox: cannot record the stack {args.stack_name}: {err}", file=sys.stderr)
         return 1
@@ -343,16 +348,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def group_vpc(cfn_client: CloudFormationClient, group_id: str) -> str:
-    """The VPC of a security group, asked of EC2 with the CloudFormation client's session and region."""
-    import boto3
-
-    ec2 = boto3.client("ec2", region_name=cfn_client.meta.region_name)
+def group_vpc(ec2: Any, group_id: str) -> str:
+    """The VPC of a security group."""
     groups = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     vpc = groups[0].get("VpcId") if groups else None
     if not vpc:
         raise StackError(f"the security group {group_id} is in no VPC; a fleet needs one")
     return str(vpc)
+
+
+def _ec2_like(cfn_client: CloudFormationClient) -> Any:
+    """An EC2 client in the CloudFormation client's region (default credentials: pass ec2_client for a profile)."""
+    import boto3
+
+    return boto3.client("ec2", region_name=cfn_client.meta.region_name)
 
 
 def _and_equals(condition: Dict[str, Any], equals: Dict[str, Any]) -> Dict[str, Any]:
