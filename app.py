@@ -25,6 +25,9 @@ def _answer(name: str, operation: Callable[[Config], Dict[str, Any]]) -> Any:
                 config = Config.from_env()
                 op.box = config.box_name
                 document = operation(config)
+                if config.fleet and isinstance(document.get("box"), str):
+                    # The log line names the caller's box, not just the fleet.
+                    op.box = fleet.box_tag(config, document["box"])
         except DevboxError as err:
             op.failed(err)
             return Response(body={"Code": err.code, "Message": err.message}, status_code=err.status_code)
