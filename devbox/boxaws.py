@@ -2,7 +2,8 @@
 
 Deploy, destroy and the local stack share these. Everything the service creates for a box
 carries the tag ``devbox:box=<box name>`` (instances, their spot requests, the data volume,
-snapshots), so a box can be found, and cleaned up, without its stack. Each helper takes the
+snapshots), so a box can be found, and cleaned up, without its stack. A fleet's boxes are tagged
+``devbox:box=<fleet>/<name>``; ``fleet_filter`` finds all of them at once. Each helper takes the
 boto3 client it needs, so tests hand in a moto-backed or stubbed one.
 """
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -76,6 +77,25 @@ def box_tags(box_name: str, **more: str) -> List[Dict[str, str]]:
     """The tags that mark a resource as the box's (plus any given), in EC2's Key/Value form."""
     tags = {BOX_TAG: box_name, **more}
     return [{"Key": key, "Value": value} for key, value in tags.items()]
+
+
+def filter_literal(value: str) -> str:
+    """A filter value that matches exactly this text: EC2 reads * and ? in filter values as wildcards and \\ as
+    their escape ("Filter your resources", EC2 User Guide)."""
+    return value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
+
+
+def fleet_filter(fleet: str) -> str:
+    """The devbox:box filter value of every box of a fleet (tagged <fleet>/<name>): the fleet's name, escaped, then
+    the wildcard. The finders below take it as their box_name; what they find is the fleet's namespace, so a caller
+    that wants box names checks each tag value (fleet_box_name)."""
+    return f"{filter_literal(fleet)}/*"
+
+
+def fleet_box_name(fleet: str, tag: str) -> Optional[str]:
+    """What follows <fleet>/ in a box tag (a box name, if the app wrote it); None when the tag is not the fleet's."""
+    prefix = f"{fleet}/"
+    return tag[len(prefix):] if tag.startswith(prefix) else None
 
 
 def find_instances(ec2: EC2Client, box_name: str, *, include_terminated: bool = False) -> List[Dict[str, Any]]:

@@ -19,6 +19,13 @@ removes one of them the same way (spot requests, instances, A record ``NAME.<dom
 volume snapshotted), then its own security group and its claim in the fleet's table, and
 leaves the stack, the app and the other boxes as they are. A kept volume is set aside
 (``devbox:role=removed-data``) so that whoever claims the name next does not get it.
+
+Destroying a whole fleet (plain ``devbox destroy``) removes every box of it that way before the
+deployment's own resources and the stack: the boxes are found by the wildcard tag ``<stack>/*``
+and the fleet's claims (not by the stage's FLEET setting, which may be gone), every box's spot
+requests are cancelled and its instances terminated at once after the app is deleted, then each
+box's record, data, group and claim go. The claims table goes with the stack, last, so a cut-off
+run finds what is left and a re-run finishes it.
 """
 import argparse
 import json
@@ -30,7 +37,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Set, TextIO,
+                    Tuple)
 
 from botocore.exceptions import BotoCoreError, ClientError, WaiterError
 
@@ -77,6 +85,8 @@ STAGE_OPTIONS: Tuple[Tuple[str, str], ...] = (
 # What the app accepts (chalicelib/config.py and fleet.py, which devbox/ does not import).
 _OWNER_PATTERN = re.compile(r"^[A-Za-z0-9:/_+=.,@*?\[\]!-]{1,512}$")
 _BOX_SLUG = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+# What CloudFormation takes as a stack name: no wildcard (* ?), escape (\) or "/" can reach a tag filter.
+_STACK_NAME = re.compile(r"^[A-Za-z][-A-Za-z0-9]{0,127}$")
 MAX_BOXES_LIMIT = 1000
 # The fleet's claims: one item of the boxes table; each box's costs: an item of its own.
 FLEET_ITEM = "fleet"
@@ -157,9 +167,19 @@ class Teardown:
     legacy_instance_id: str
 
 
+@dataclass(frozen=True)
+class FleetFound:
+    """The boxes of a fleet that `devbox destroy` (the whole deployment) removes, read before anything is removed."""
+
+    boxes: Tuple[Tuple[BoxTeardown, BoxFound], ...]
+    # Resources tagged under the fleet (<fleet>/...) with no box name after the "/": {tag value: resource ids}.
+    strays: Mapping[str, Tuple[str, ...]]
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options deploy and destroy share."""
-    parser.add_argument("--stack-name", default="devbox", help="CloudFormation stack name, and the box's name (default: devbox)")
+    parser.add_argument("--stack-name", default="devbox", type=_stack_name,
+                        help="CloudFormation stack name, and the box's name (default: devbox)")
     parser.add_argument("--project-dir", default=".", help="Chalice project folder (default: .)")
     # SUPPRESS: when the top-level parser also has these, an option left out after the
     # sub-command must not overwrite the value given before it (`devbox --stage prod deploy`).
@@ -242,7 +262,7 @@ def add_destroy_arguments(parser: argparse.ArgumentParser) -> None:
         "--delete-data",
         action="store_true",
         help="delete the box's data volume (/home) without a snapshot, instead of snapshotting and keeping it"
-             " (with --box: delete it once it is snapshotted)",
+             " (a fleet's boxes, with --box or without: delete each once it is snapshotted)",
     )
     parser.add_argument("--yes", action="store_true", help="do not ask before deleting the data volume")
 
@@ -410,7 +430,7 @@ def run_deploy(
             print("a running box keeps its instance; it gets the new launch template at `devbox start --rebuild`")
         # Before record_stack: it builds the policy from these (a fleet's policy covers every box).
         apply_stage_settings(args.project_dir, _stage(args), stage_settings(args))
-        env = record_stack(cfn, args.stack_name, args.project_dir, stage=_stage(args))
+        env = record_stack(cfn, args.stack_name, args.project_dir, stage=_stage(args), ec2_client=clients("ec2"))
         print(f"recorded {args.stack_name} into {Path(args.project_dir) / '.chalice'} (stage {_stage(args)})")
         if _truthy(_recorded_env(args.project_dir, _stage(args)).get("FLEET", "")):
             if not env.get("BOXES_TABLE"):
@@ -462,7 +482,8 @@ def run_destroy(
     runner: Optional[Runner] = None,
     stdin: Optional[TextIO] = None,
 ) -> int:
-    """Delete the app, the box's spot requests, instances and A record, keep (or delete) its data, then the stack.
+    """Delete the app, every box of a fleet, the box's spot requests, instances and A record, keep (or delete) its data,
+    then the stack.
 
     With ``--box NAME`` only that box of a fleet goes (see run_destroy_box).
     """
@@ -478,15 +499,27 @@ def run_destroy(
             file=sys.stderr,
         )
         return 1
+    # With --delete-data asked at the terminal: the boxes whose data the user agreed to delete (None: every box's).
+    confirmed: Optional[Collection[str]] = None
     try:
         clients = clients or _session_clients(args)
         cfn = clients("cloudformation")
-        teardown = plan_teardown(
-            args.stack_name, describe_stack(cfn, args.stack_name), _recorded_env(args.project_dir, _stage(args))
-        )
-        if ask and not _confirm_delete_data(teardown.box_name, boxaws.find_data_volumes(clients("ec2"), teardown.box_name), stdin):
-            print("devbox destroy: not confirmed. Nothing was changed.", file=sys.stderr)
-            return 1
+        stack = describe_stack(cfn, args.stack_name)
+        recorded = _recorded_env(args.project_dir, _stage(args))
+        teardown = plan_teardown(args.stack_name, stack, recorded)
+        table = _boxes_table(stack, recorded, teardown.box_name)
+        fleet = _may_have_fleet(stack, recorded, teardown.box_name)
+        if ask:
+            volumes = boxaws.find_data_volumes(clients("ec2"), teardown.box_name)
+            boxes = find_fleet(clients, teardown, table).boxes if fleet else ()
+            confirmed = [plan.slug for plan, _ in boxes]
+            if boxes:
+                agreed = _confirm_delete_fleet_data(teardown.box_name, volumes, boxes, stdin)
+            else:
+                agreed = _confirm_delete_data(teardown.box_name, volumes, stdin)
+            if not agreed:
+                print("devbox destroy: not confirmed. Nothing was changed.", file=sys.stderr)
+                return 1
     except (ClientError, BotoCoreError) as err:
         print(f"devbox destroy: AWS refused: {err}", file=sys.stderr)
         return 1
@@ -499,6 +532,10 @@ def run_destroy(
         print(f"devbox destroy: chalice delete failed (exit {code}); nothing else was removed", file=sys.stderr)
         return code
     try:
+        # The fleet's boxes before the stack: its claims table (and the boxes' launch template) go with it.
+        if fleet:
+            remove_fleet(clients, teardown, table, delete_data=delete_data, confirmed=confirmed,
+                         profile=getattr(args, "profile", None))
         tear_down(clients, teardown, delete_data=delete_data, profile=getattr(args, "profile", None))
         if teardown.stack_id is None:
             print(f"stack {args.stack_name} does not exist; nothing more to delete")
@@ -507,7 +544,7 @@ def run_destroy(
         cfn.delete_stack(StackName=teardown.stack_id)
         _wait(cfn, "stack_delete_complete", teardown.stack_id)
     except (DeployError, StackError) as err:
-        print(f"devbox destroy: {err}", file=sys.stderr)
+        print(f"devbox destroy: {err}; run destroy again to finish", file=sys.stderr)
         return 1
     except WaiterError as err:
         print(f"devbox destroy: gave up waiting: {err}; run destroy again to finish", file=sys.stderr)
@@ -569,13 +606,19 @@ def tear_down(clients: ClientFactory, teardown: Teardown, *, delete_data: bool, 
         print(_kept_volume_note(volume, snapshot_id, box, ec2.meta.region_name, profile))
 
 
-def end_instances(ec2: EC2Client, box: str, legacy: Optional[Mapping[str, Any]] = None) -> List[str]:
-    """Cancel the box's spot requests, then terminate its instances and wait; returns the ids terminated."""
+def end_instances(ec2: EC2Client, box: str, legacy: Optional[Mapping[str, Any]] = None, *,
+                  label: Optional[str] = None) -> List[str]:
+    """Cancel the box's spot requests, then terminate its instances and wait; returns the ids terminated.
+
+    box is a devbox:box filter value: boxaws.fleet_filter(fleet) ends every box of a fleet at once (label names
+    them in what is printed).
+    """
+    name = label or f"box {box}"
     # A terminated instance still names its request, which may have reopened.
     known = boxaws.find_instances(ec2, box, include_terminated=True) + ([dict(legacy)] if legacy else [])
     request_ids = {str(r["SpotInstanceRequestId"]) for r in boxaws.find_spot_requests(ec2, box)}
     cancelled = boxaws.cancel_spot_requests(ec2, request_ids | set(boxaws.instance_spot_request_ids(known)))
-    print(f"cancelled spot requests: {', '.join(cancelled)}" if cancelled else f"box {box}: no spot request to cancel")
+    print(f"cancelled spot requests: {', '.join(cancelled)}" if cancelled else f"{name}: no spot request to cancel")
 
     # Asked again: a request could have launched an instance up to the moment it was cancelled.
     live = boxaws.find_instances(ec2, box)
@@ -587,7 +630,7 @@ def end_instances(ec2: EC2Client, box: str, legacy: Optional[Mapping[str, Any]] 
         boxaws.terminate_instances(ec2, instance_ids)
         print(f"terminated {', '.join(instance_ids)}")
     else:
-        print(f"box {box}: no instance to terminate")
+        print(f"{name}: no instance to terminate")
     return instance_ids
 
 
@@ -667,16 +710,141 @@ def plan_box_teardown(stack_name: str, stack: Optional[Mapping[str, Any]], recor
     if recorded.get("BOX_NAME") and recorded["BOX_NAME"] != fleet:
         raise DeployError(f"this stage records the deployment {recorded['BOX_NAME']}, not {fleet}: give"
                           f" --stack-name {recorded['BOX_NAME']}, or the --project-dir and --stage of {fleet}.")
-    outputs = stack_outputs(stack) if stack else {}
-    table = outputs.get("BoxesTable") or recorded.get("BOXES_TABLE", "")
+    return _box_plan(deployment, _boxes_table(stack, recorded, fleet), slug)
+
+
+def _box_plan(deployment: Teardown, table: str, slug: str) -> BoxTeardown:
     domain = deployment.domain_name.rstrip(".")
     return BoxTeardown(
-        fleet=fleet,
+        fleet=deployment.box_name,
         slug=slug,
         zone_id=deployment.zone_id if domain else "",
         record_name=f"{slug}.{domain}" if deployment.zone_id and domain else "",
         table=table,
     )
+
+
+def _boxes_table(stack: Optional[Mapping[str, Any]], recorded: Mapping[str, str], box_name: str) -> str:
+    """The fleet's claims table: the stack's output, else what deploy recorded for this deployment."""
+    table = (stack_outputs(stack) if stack else {}).get("BoxesTable")
+    if table:
+        return table
+    return recorded.get("BOXES_TABLE", "") if (recorded.get("BOX_NAME") or box_name) == box_name else ""
+
+
+def _may_have_fleet(stack: Optional[Mapping[str, Any]], recorded: Mapping[str, str], box_name: str) -> bool:
+    """Whether destroy looks for fleet boxes: FLEET=true is recorded, or the stack has a BoxesTable (any deployment
+    of this template may have been a fleet; the stage's settings may be gone), or there is no stack to tell.
+
+    Only a stack of an older template, which has no claims table, cannot have had a fleet.
+    """
+    outputs = stack_outputs(stack) if stack else {}
+    if not outputs or "BoxesTable" in outputs:
+        return True
+    return (recorded.get("BOX_NAME") or box_name) == box_name and _truthy(recorded.get("FLEET", ""))
+
+
+def find_fleet(clients: ClientFactory, deployment: Teardown, table: str) -> FleetFound:
+    """Every box of the fleet that is left: tagged devbox:box=<fleet>/<name>, or claimed in the fleet's table."""
+    ec2: EC2Client = clients("ec2")
+    fleet = deployment.box_name
+    pattern = boxaws.fleet_filter(fleet)
+    slugs = set()
+    strays: Dict[str, List[str]] = {}
+    sources = (
+        (boxaws.find_instances(ec2, pattern), "InstanceId"),
+        (boxaws.find_spot_requests(ec2, pattern), "SpotInstanceRequestId"),
+        (_find_groups(ec2, pattern), "GroupId"),
+        (boxaws.find_data_volumes(ec2, pattern), "VolumeId"),
+    )
+    for found, id_key in sources:
+        for item in found:
+            tag = boxaws.tag_value(item, boxaws.BOX_TAG) or ""
+            # EC2 matched a wildcard: only <fleet>/<box name> is one of the fleet's boxes.
+            slug = boxaws.fleet_box_name(fleet, tag)
+            if slug is not None and _BOX_SLUG.match(slug):
+                slugs.add(slug)
+            elif slug is not None:
+                strays.setdefault(tag, []).append(str(item[id_key]))
+    if table:
+        claims = _read_item(clients("dynamodb"), table, FLEET_ITEM)
+        named = [str(s) for s in claims.get("boxes", {}).get("SS", [])]
+        named += [key[len("owner:"):] for key in claims if key.startswith("owner:")]
+        slugs.update(s for s in named if _BOX_SLUG.match(s))
+    boxes = []
+    for slug in sorted(slugs):
+        plan = _box_plan(deployment, table, slug)
+        box = find_box(clients, plan)
+        if box.exists:
+            boxes.append((plan, box))
+    return FleetFound(boxes=tuple(boxes), strays={tag: tuple(ids) for tag, ids in sorted(strays.items())})
+
+
+def remove_fleet(clients: ClientFactory, deployment: Teardown, table: str, *, delete_data: bool,
+                 confirmed: Optional[Collection[str]] = None,
+                 profile: Optional[str] = None) -> List[Tuple[BoxTeardown, List[str]]]:
+    """Remove every box of the fleet as `destroy --box` does; returns each box removed with its snapshots.
+
+    Every box's spot requests are cancelled and its instances terminated at once (their waits overlap), then each
+    box's record, data (snapshotted, then kept aside, or deleted with delete_data when confirmed is None or names
+    the box), group and claim go. The app must be gone already: nothing may start a box meanwhile. The stack and
+    the deployment's own box (tagged <fleet>) stay.
+    """
+    ec2: EC2Client = clients("ec2")
+    fleet = deployment.box_name
+    found = find_fleet(clients, deployment, table)
+    if found.boxes or found.strays:
+        names = ", ".join(plan.slug for plan, _ in found.boxes)
+        print(f"the fleet {fleet}: {_count(len(found.boxes), 'box', 'boxes') or 'no box'} to remove"
+              + (f" ({names})" if names else ""))
+        end_instances(ec2, boxaws.fleet_filter(fleet), label=f"the fleet {fleet}")
+    removed: List[Tuple[BoxTeardown, List[str]]] = []
+    lines: List[str] = []
+    listed: Set[str] = set()
+    for plan, box in found.boxes:
+        print(_found_text(plan, box, "`devbox destroy`"))
+        deleted = delete_data and (confirmed is None or plan.slug in confirmed)
+        # As `--box` does: a box with an instance until now gets a new snapshot, one without may reuse a run's.
+        snapshots = remove_box(clients, plan, box.owner, delete_data=deleted, reuse_snapshot=not box.instance_ids,
+                               profile=profile)
+        print(f"removed box {plan.slug} from the fleet {fleet}"
+              + (f"; its data is in {', '.join(snapshots)}" if snapshots else ""))
+        removed.append((plan, snapshots))
+        listed.update(snapshots, (str(v["VolumeId"]) for v in box.volumes))
+        volumes = ", ".join(str(v["VolumeId"]) for v in box.volumes)
+        data = (f"snapshot {', '.join(snapshots)}" if snapshots else "no data volume") + (
+            f"; data volume {volumes} " + ("deleted" if deleted else f"kept, set aside ({boxaws.ROLE_TAG}={KEPT_ROLE})")
+            if volumes else "")
+        lines.append(f"  {plan.slug}" + (f" (owner {box.owner})" if box.owner else "") + f": {data}")
+    if removed:
+        print(f"the fleet {fleet}: removed {_count(len(removed), 'box', 'boxes')}\n" + "\n".join(lines))
+    for tag, ids in found.strays.items():
+        ended = [i for i in ids if i.startswith(("i-", "sir-"))]
+        left = [i for i in ids if i not in ended]
+        print(f"tagged {boxaws.BOX_TAG}={tag}, which names no box of the fleet: "
+              + "; ".join(part for part in (f"ended with the fleet's: {', '.join(ended)}" if ended else "",
+                                            f"left as they are: {', '.join(left)}" if left else "") if part))
+    earlier = _kept_elsewhere(ec2, fleet, listed)
+    if earlier:
+        print("kept from the fleet's boxes removed earlier (billed until you delete them):\n" + "\n".join(earlier))
+    return removed
+
+
+def _kept_elsewhere(ec2: EC2Client, fleet: str, listed: Collection[str]) -> List[str]:
+    """What earlier removals of the fleet's boxes kept (snapshots, set-aside volumes), one line a box."""
+    pattern = boxaws.fleet_filter(fleet)
+    kept: Dict[str, List[str]] = {}
+    for snapshot in _removal_snapshots(ec2, pattern):
+        if snapshot["SnapshotId"] not in listed:
+            kept.setdefault(boxaws.tag_value(snapshot, boxaws.BOX_TAG) or "", []).append(
+                f"snapshot {snapshot['SnapshotId']}")
+    for volume in _kept_volumes(ec2, pattern):
+        if volume["VolumeId"] in listed:
+            continue
+        kept.setdefault(boxaws.tag_value(volume, boxaws.BOX_TAG) or "", []).append(
+            f"data volume {volume['VolumeId']} (set aside)")
+    return [f"  {boxaws.fleet_box_name(fleet, tag)}: {', '.join(items)}" for tag, items in sorted(kept.items())
+            if boxaws.fleet_box_name(fleet, tag)]
 
 
 def find_box(clients: ClientFactory, plan: BoxTeardown) -> BoxFound:
@@ -706,10 +874,12 @@ def find_box(clients: ClientFactory, plan: BoxTeardown) -> BoxFound:
 
 
 def remove_box(clients: ClientFactory, plan: BoxTeardown, owner: str, *, delete_data: bool,
-               profile: Optional[str] = None) -> List[str]:
+               reuse_snapshot: Optional[bool] = None, profile: Optional[str] = None) -> List[str]:
     """Remove the box's instances, record, data (snapshot first), group and claim, in that order; returns the snapshots.
 
-    The claim goes last: while it is there, a re-run finds the box and finishes what is left.
+    The claim goes last: while it is there, a re-run finds the box and finishes what is left. A snapshot an earlier
+    run took (after the box's last start) is reused when reuse_snapshot says so, by default when no instance was
+    left to terminate.
     """
     ec2: EC2Client = clients("ec2")
     tag = plan.tag
@@ -731,7 +901,8 @@ def remove_box(clients: ClientFactory, plan: BoxTeardown, owner: str, *, delete_
     snapshots: List[str] = []
     for volume in volumes:
         volume_id = str(volume["VolumeId"])
-        snapshot_id = _snapshot_box_data(ec2, volume, tag, reuse=not terminated, after=last_start)
+        reuse = not terminated if reuse_snapshot is None else reuse_snapshot
+        snapshot_id = _snapshot_box_data(ec2, volume, tag, reuse=reuse, after=last_start)
         snapshots.append(snapshot_id)
         if delete_data:
             print(f"deleting the data volume {volume_id} ...")
@@ -837,7 +1008,7 @@ def _delete_group(ec2: EC2Client, group_id: str, wait: Optional[Mapping[str, int
         if attempt < config["MaxAttempts"] - 1:
             time.sleep(config["Delay"])
     raise DeployError(f"the security group {group_id} is still in use after {config['Delay'] * config['MaxAttempts']} s"
-                      " (DependencyViolation); has the box been started again?")
+                      " (DependencyViolation: has the box been started again?)")
 
 
 def _read_item(ddb: DynamoDBClient, table: str, item_id: str) -> Dict[str, Any]:
@@ -896,7 +1067,7 @@ def _delete_record(route53: Route53Client, zone_id: str, name: str, *, comment: 
         return False
 
 
-def _found_text(plan: BoxTeardown, found: BoxFound) -> str:
+def _found_text(plan: BoxTeardown, found: BoxFound, command: str = "") -> str:
     parts = [
         _count(len(found.instance_ids), "instance"),
         _count(len(found.spot_request_ids), "spot request"),
@@ -909,7 +1080,7 @@ def _found_text(plan: BoxTeardown, found: BoxFound) -> str:
     text = f"box {plan.slug} of the fleet {plan.fleet}" + (f" (owner {found.owner})" if found.owner else "")
     text += ": " + ", ".join(p for p in parts if p)
     if found.snapshot_ids or found.kept_volume_ids:
-        text += f"\nan earlier `devbox destroy --box {plan.slug}` did not finish; removing what it left"
+        text += f"\nan earlier {command or f'`devbox destroy --box {plan.slug}`'} did not finish; removing what it left"
     return text
 
 
@@ -924,8 +1095,8 @@ def _no_such_box(plan: BoxTeardown, found: BoxFound) -> str:
     return text
 
 
-def _count(number: int, what: str) -> str:
-    return "" if number == 0 else f"{number} {what}" + ("" if number == 1 else "s")
+def _count(number: int, what: str, plural: str = "") -> str:
+    return "" if number == 0 else f"{number} " + (what if number == 1 else plural or f"{what}s")
 
 
 def _now() -> str:
@@ -1004,6 +1175,21 @@ def _confirm_delete_data(box_name: str, volumes: Sequence[Mapping[str, Any]], st
     print(f"--delete-data deletes the data volume of box {box_name} (its /home) {how}: {found}.")
     print(f"Type the box name ({box_name}) to go on: ", end="", flush=True)
     return stdin.readline().strip() == box_name
+
+
+def _confirm_delete_fleet_data(fleet: str, volumes: Sequence[Mapping[str, Any]],
+                               boxes: Sequence[Tuple[BoxTeardown, BoxFound]], stdin: TextIO) -> bool:
+    """One question for every box of the fleet, listing them, before anything is changed."""
+    print(f"--delete-data deletes the data volume (/home) of each box of the fleet {fleet} once it is snapshotted"
+          " (the snapshots are kept):")
+    for plan, box in boxes:
+        found = ", ".join(f"{v['VolumeId']} ({v.get('Size', '?')} GiB)" for v in box.volumes) or "no data volume"
+        print(f"  {plan.slug}" + (f" (owner {box.owner})" if box.owner else "") + f": {found}")
+    if volumes:
+        print(f"and the data volume of the deployment's own box {fleet} for good, with no snapshot: "
+              + ", ".join(f"{v['VolumeId']} ({v.get('Size', '?')} GiB)" for v in volumes) + ".")
+    print(f"Type the deployment's name ({fleet}) to go on: ", end="", flush=True)
+    return stdin.readline().strip() == fleet
 
 
 def _kept_volume_note(
@@ -1114,6 +1300,13 @@ def _owner_patterns(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{bad[0]!r} is not an IAM identity pattern such as"
                                          " arn:aws:iam::123456789012:user/*")
     return ",".join(patterns)
+
+
+def _stack_name(text: str) -> str:
+    if not _STACK_NAME.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CloudFormation stack name (a letter, then letters, digits"
+                                         " and hyphens, at most 128 characters)")
+    return text
 
 
 def _box_slug(text: str) -> str:

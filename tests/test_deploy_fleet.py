@@ -7,7 +7,7 @@ import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import boto3
 import pytest
@@ -16,14 +16,16 @@ from chalicelib import aws as app_aws
 from chalicelib import fleet as app_fleet
 from chalicelib import fleet_service
 from chalicelib.config import Config
-from devbox import deploy
+from devbox import boxaws, deploy
 from devbox.deploy import add_deploy_arguments, add_destroy_arguments, run_destroy
 from tests.test_deploy import (  # noqa: F401  (aws, project_dir: fixtures)
     Runner,
     Terminal,
     aws,
+    data_volume,
     deployed,
     launch,
+    live_requests,
     moto_clients,
     parse,
     project_dir,
@@ -359,6 +361,240 @@ def test_group_that_stays_in_use_stops_the_run_before_the_claim_is_released(
     assert team.groups("alice") == group_names != []
     # The claim stays, so the re-run finds the box.
     assert team.claims()["boxes"] == ["alice", "bob"]
+
+
+# --- destroy (the whole deployment) of a fleet ---------------------------------------------------
+
+
+def destroy_all(aws: Dict[str, Any], project_dir: Path, *argv: str, log: Optional[List[str]] = None,
+                stdin: Optional[io.StringIO] = None) -> Tuple[int, Runner]:
+    runner = Runner(log)
+    args = parse(add_destroy_arguments, "--project-dir", str(project_dir), *argv)
+    return run_destroy(args, clients=moto_clients(aws if log is None else {}, log), runner=runner, stdin=stdin), runner
+
+
+def kept_data(team: Team, slug: str) -> Tuple[str, str]:
+    """The box's one set-aside volume and its one snapshot."""
+    ((volume_id, tags),) = team.volume_tags(slug).items()
+    assert (tags["devbox:role"], tags["devbox:owner"]) == ("removed-data", {"alice": ALICE, "bob": BOB}[slug])
+    (snapshot,) = snapshots_of(team.tag(slug))
+    assert (snapshot["VolumeId"], snapshot["State"]) == (volume_id, "completed")
+    return volume_id, snapshot["SnapshotId"]
+
+
+def test_destroy_of_a_fleet_removes_every_box_keeps_their_data_then_deletes_the_stack(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    log: List[str] = []
+
+    code, runner = destroy_all(aws, project_dir, log=log)
+
+    assert code == 0
+    assert [c[0][1] for c in runner.commands] == ["delete"]
+    for slug in ("alice", "bob"):
+        assert set(team.instances(slug).values()) == {"terminated"}
+        assert team.live_requests(slug) == []
+        assert team.groups(slug) == []
+    assert team.records() == []
+    assert stack_names() == []
+    # The app first (nothing starts a box meanwhile), every box's spot requests before any instance is
+    # terminated, the groups once the instances are gone, the stack (and its claims table) last.
+    assert (log.index("chalice delete") < log.index("ec2.CancelSpotInstanceRequests")
+            < log.index("ec2.TerminateInstances"))
+    assert log.count("ec2.TerminateInstances") == 1  # every box's instances at once
+    assert log.index("ec2.TerminateInstances") < log.index("ec2.DeleteSecurityGroup")
+    assert max(i for i, call in enumerate(log) if call != "cloudformation.DescribeStacks") == log.index(
+        "cloudformation.DeleteStack")
+    # Each box's data: snapshotted, and the volume kept aside; the summary names them.
+    out = capsys.readouterr().out
+    alice_volume, alice_snapshot = kept_data(team, "alice")
+    bob_volume, bob_snapshot = kept_data(team, "bob")
+    assert "the fleet devbox: 2 boxes to remove (alice, bob)" in out
+    assert (f"the fleet devbox: removed 2 boxes\n"
+            f"  alice (owner {ALICE}): snapshot {alice_snapshot}; data volume {alice_volume} kept, set aside"
+            " (devbox:role=removed-data)\n"
+            f"  bob (owner {BOB}): snapshot {bob_snapshot}; data volume {bob_volume} kept, set aside"
+            " (devbox:role=removed-data)\n") in out
+    assert out.index("the fleet devbox: removed 2 boxes") < out.index("deleting stack devbox")
+    assert "removed earlier" not in out
+
+
+def test_destroy_of_a_fleet_with_delete_data_deletes_each_volume_once_it_is_snapshotted(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    volumes = {slug: list(team.volume_tags(slug)) for slug in ("alice", "bob")}
+    capsys.readouterr()
+
+    assert destroy_all(aws, project_dir, "--delete-data", "--yes")[0] == 0
+
+    out = capsys.readouterr().out
+    for slug in ("alice", "bob"):
+        assert team.volume_tags(slug) == {} and volumes_of(team.tag(slug)) == []
+        (snapshot,) = snapshots_of(team.tag(slug))
+        assert (snapshot["VolumeId"], snapshot["State"]) == (volumes[slug][0], "completed")
+        assert f"snapshot {snapshot['SnapshotId']}; data volume {volumes[slug][0]} deleted" in out
+        assert set(team.instances(slug).values()) == {"terminated"} and team.groups(slug) == []
+    assert stack_names() == []
+
+
+def test_destroy_of_a_fleet_with_delete_data_asks_once_listing_every_box(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = team.world()
+    volumes = {slug: list(team.volume_tags(slug))[0] for slug in ("alice", "bob")}
+    capsys.readouterr()
+
+    # No terminal and no --yes: refused before anything is read.
+    log: List[str] = []
+    assert destroy_all(aws, project_dir, "--delete-data", log=log, stdin=io.StringIO("devbox\n"))[0] == 1
+    assert log == [] and "--yes" in capsys.readouterr().err
+    # Asked at a terminal, and not confirmed: nothing changed, not even the app.
+    code, runner = destroy_all(aws, project_dir, "--delete-data", stdin=Terminal("alice\n"))
+    assert (code, runner.commands) == (1, [])
+    captured = capsys.readouterr()
+    assert captured.out.count("Type the deployment's name (devbox) to go on") == 1
+    assert f"  alice (owner {ALICE}): {volumes['alice']} (50 GiB)" in captured.out
+    assert f"  bob (owner {BOB}): {volumes['bob']} (50 GiB)" in captured.out
+    assert "not confirmed" in captured.err
+    assert team.world() == before
+
+    # Confirmed once, for every box.
+    assert destroy_all(aws, project_dir, "--delete-data", stdin=Terminal("devbox\n"))[0] == 0
+    for slug in ("alice", "bob"):
+        assert team.volume_tags(slug) == {} and len(snapshots_of(team.tag(slug))) == 1
+    assert stack_names() == []
+
+
+def test_destroy_finds_the_fleets_boxes_when_the_stage_no_longer_says_fleet(
+    team: Team, aws: Dict[str, Any], project_dir: Path
+) -> None:
+    # The stage's settings are gone (a fresh checkout): the boxes are found by their tags, the claims by the stack.
+    config_path = project_dir / ".chalice" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["stages"]["dev"]["environment_variables"] = {}
+    config_path.write_text(json.dumps(config))
+
+    assert destroy_all(aws, project_dir)[0] == 0
+
+    for slug in ("alice", "bob"):
+        assert set(team.instances(slug).values()) == {"terminated"} and team.groups(slug) == []
+        kept_data(team, slug)
+    assert stack_names() == []
+
+
+def test_destroy_of_a_fleet_leaves_other_deployments_boxes_alone(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another deployment's fleet and box, whose names start like this one's.
+    theirs = [launch(tag) for tag in ("devbox-2/alice", "devbox2/bob", "devbox-2")]
+    their_volume = data_volume("devbox-2/alice", theirs[0])
+    their_request = spot_request("devbox-2/alice")
+
+    assert destroy_all(aws, project_dir)[0] == 0
+
+    assert [state_of(i["InstanceId"]) for i in theirs] == ["running"] * 3
+    assert live_requests("devbox-2/alice") == [their_request]
+    assert volumes_of("devbox-2/alice") == [their_volume] and snapshots_of("devbox-2/alice") == []
+    assert set(team.instances("bob").values()) == {"terminated"}
+
+
+def test_resources_under_the_fleet_that_name_no_box_are_reported_and_their_instances_ended(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Under the fleet's tag (the app's policy covers <fleet>/*), but no box name the app makes.
+    odd = launch("devbox/Odd.Name")
+    odd_volume = data_volume("devbox/Odd.Name", odd)
+    capsys.readouterr()
+
+    assert destroy_all(aws, project_dir)[0] == 0
+
+    out = capsys.readouterr().out
+    assert "the fleet devbox: 2 boxes to remove (alice, bob)" in out
+    assert state_of(odd["InstanceId"]) == "terminated"
+    assert volumes_of("devbox/Odd.Name") == [odd_volume] and snapshots_of("devbox/Odd.Name") == []
+    assert (f"tagged devbox:box=devbox/Odd.Name, which names no box of the fleet: ended with the fleet's:"
+            f" {odd['InstanceId']}; left as they are: {odd_volume}\n") in out
+    assert stack_names() == []
+
+
+def test_fleet_filter_escapes_the_fleets_name_and_box_names_are_checked() -> None:
+    assert boxaws.fleet_filter("devbox") == "devbox/*"
+    assert boxaws.fleet_filter("a*b?c\\d") == "a\\*b\\?c\\\\d/*"
+    assert boxaws.fleet_box_name("devbox", "devbox/alice") == "alice"
+    assert boxaws.fleet_box_name("devbox", "devbox/") == ""
+    for tag in ("devbox", "devbox-2/alice", "devbox2/a", "dev/alice"):
+        assert boxaws.fleet_box_name("devbox", tag) is None
+    # A stack name holds no wildcard: what reaches a tag filter is the deployment's name, and only it.
+    for name in ("dev*", "dev?", "a/b", "1devbox", ""):
+        with pytest.raises(SystemExit):
+            parse(add_destroy_arguments, "--stack-name", name)
+
+
+def test_destroy_of_a_deployment_without_boxes_prints_nothing_of_a_fleet(
+    aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = deployed(aws, project_dir)
+    instance = launch("devbox", env["LAUNCH_TEMPLATE_ID"])
+
+    assert destroy_all(aws, project_dir)[0] == 0
+
+    assert state_of(instance["InstanceId"]) == "terminated"
+    assert "fleet" not in capsys.readouterr().out
+    assert stack_names() == []
+
+
+def test_rerun_of_a_fleet_destroy_cut_off_at_a_group_finishes_it(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str], quick_group_retry: None
+) -> None:
+    # Cut off at alice's group (still held): every instance is gone, alice's record and data are done.
+    fail(moto_clients(aws)("ec2"), "DeleteSecurityGroup", "DependencyViolation", times=3)
+    assert destroy_all(aws, project_dir)[0] == 1
+    assert "run destroy again to finish" in capsys.readouterr().err
+    for slug in ("alice", "bob"):
+        assert set(team.instances(slug).values()) == {"terminated"} and team.live_requests(slug) == []
+    assert team.groups("alice") != [] and team.groups("bob") != []
+    assert team.records() == [f"bob.{DOMAIN}"]
+    alice_volume, alice_snapshot = kept_data(team, "alice")
+    assert team.claims()["boxes"] == ["alice", "bob"]
+    assert stack_names() == ["devbox"]
+
+    code, runner = destroy_all(aws, project_dir)
+
+    assert (code, [c[0][1] for c in runner.commands]) == (0, ["delete"])
+    out = capsys.readouterr().out
+    assert "the fleet devbox: 2 boxes to remove (alice, bob)" in out
+    assert "box alice of the fleet devbox" in out and "an earlier `devbox destroy` did not finish" in out
+    assert team.groups("alice") == [] and team.groups("bob") == [] and team.records() == []
+    # alice's data as the first run left it, bob's snapshotted now; the summary names both.
+    assert kept_data(team, "alice") == (alice_volume, alice_snapshot)
+    bob_volume, bob_snapshot = kept_data(team, "bob")
+    assert f"  alice (owner {ALICE}): no data volume" in out
+    assert f"  bob (owner {BOB}): snapshot {bob_snapshot}; data volume {bob_volume} kept" in out
+    assert (f"kept from the fleet's boxes removed earlier (billed until you delete them):\n"
+            f"  alice: snapshot {alice_snapshot}, data volume {alice_volume} (set aside)") in out
+    assert stack_names() == []
+
+    # A third run finds nothing of the fleet left, and says where its data is.
+    capsys.readouterr()
+    assert destroy_all(aws, project_dir)[0] == 0
+    out = capsys.readouterr().out
+    assert "boxes to remove" not in out and f"  bob: snapshot {bob_snapshot}, data volume {bob_volume}" in out
+
+
+def test_rerun_of_a_fleet_destroy_cut_off_before_any_instance_ended_finishes_it(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fail(moto_clients(aws)("ec2"), "TerminateInstances", "UnauthorizedOperation", times=1)
+    assert destroy_all(aws, project_dir)[0] == 1
+    assert team.live_requests("alice") == [] and "running" in team.instances("alice").values()
+
+    assert destroy_all(aws, project_dir)[0] == 0
+
+    for slug in ("alice", "bob"):
+        assert set(team.instances(slug).values()) == {"terminated"} and team.groups(slug) == []
+        kept_data(team, slug)
+    assert stack_names() == []
 
 
 # --- deploy --fleet -----------------------------------------------------------------------------
