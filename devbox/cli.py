@@ -67,7 +67,7 @@ DELEGATED = {
     "deploy": ("devbox.deploy", "add_deploy_arguments", "run_deploy",
                "deploy the devbox stack and API (--fleet: a box per IAM identity)"),
     "destroy": ("devbox.deploy", "add_destroy_arguments", "run_destroy",
-                "remove the devbox stack and API (--box NAME: one box of a fleet)"),
+                "remove the devbox stack and API, with every box of a fleet (--box NAME: one box)"),
 }
 _COMMON_WITH_VALUE = ("--profile", "--region", "--url", "--stage")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
