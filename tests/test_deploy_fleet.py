@@ -16,7 +16,7 @@ from chalicelib import aws as app_aws
 from chalicelib import fleet as app_fleet
 from chalicelib import fleet_service
 from chalicelib.config import Config
-from devbox import boxaws, deploy
+from devbox import boxaws, fleet_teardown
 from devbox.deploy import add_deploy_arguments, add_destroy_arguments, run_destroy
 from tests.test_deploy import (  # noqa: F401  (aws, project_dir: fixtures)
     Runner,
@@ -154,7 +154,7 @@ def fail(client: Any, operation: str, code: str, times: Optional[int] = None) ->
 
 @pytest.fixture
 def quick_group_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(deploy, "GROUP_DELETE_WAIT", {"Delay": 0, "MaxAttempts": 3})
+    monkeypatch.setattr(fleet_teardown, "GROUP_DELETE_WAIT", {"Delay": 0, "MaxAttempts": 3})
 
 
 # --- destroy --box ------------------------------------------------------------------------------
