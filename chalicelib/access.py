@@ -105,16 +105,27 @@ def caller_network(source_ip: Optional[str]) -> "ipaddress.IPv4Network | ipaddre
 
 def describe_rules(ec2: EC2Client, group_id: str) -> List[IngressRule]:
     """All inbound rules of the group."""
-    rules: List[IngressRule] = []
-    kwargs: Dict[str, Any] = {"Filters": [{"Name": "group-id", "Values": [group_id]}], "MaxResults": 1000}
+    return describe_groups_rules(ec2, [group_id]).get(group_id, [])
+
+
+def describe_groups_rules(ec2: EC2Client, group_ids: Sequence[str]) -> Dict[str, List[IngressRule]]:
+    """All inbound rules of each group, by group id (one call for up to 200 groups, paged)."""
+    rules: Dict[str, List[IngressRule]] = {group_id: [] for group_id in group_ids}
     try:
-        while True:
-            page = ec2.describe_security_group_rules(**kwargs)
-            rules.extend(_rule(item) for item in page.get("SecurityGroupRules", []) if not item.get("IsEgress"))
-            token = page.get("NextToken")
-            if not token:
-                return rules
-            kwargs["NextToken"] = token
+        # A filter takes at most 200 values.
+        for first in range(0, len(group_ids), 200):
+            kwargs: Dict[str, Any] = {"Filters": [{"Name": "group-id", "Values": list(group_ids[first:first + 200])}],
+                                      "MaxResults": 1000}
+            while True:
+                page = ec2.describe_security_group_rules(**kwargs)
+                for item in page.get("SecurityGroupRules", []):
+                    if not item.get("IsEgress") and item.get("GroupId") in rules:
+                        rules[item["GroupId"]].append(_rule(item))
+                token = page.get("NextToken")
+                if not token:
+                    break
+                kwargs["NextToken"] = token
+        return rules
     except (ClientError, BotoCoreError) as err:
         raise aws_failure(err, "describe the security group's rules") from err
 

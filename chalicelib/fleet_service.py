@@ -189,12 +189,20 @@ def on_interruption(clients: Clients, config: Config, instance_id: Optional[str]
 
 
 def housekeeping(clients: Clients, config: Config, now: Optional[datetime] = None) -> str:
-    """Each box in turn, as for a single box; one box's failure does not hold up the others."""
+    """Each box in turn, as for a single box, from three reads of the whole fleet (groups, instances, rules);
+    one box's failure does not hold up the others."""
+    ec2 = clients("ec2")
     done: List[str] = []
     failed: List[str] = []
-    for slug, item in sorted(fleet.groups_by_slug(config, fleet.find_groups(clients("ec2"), config)).items()):
+    groups, instances = service._side_by_side(lambda: fleet.find_groups(ec2, config),
+                                              lambda: fleet.fleet_instances(ec2, config))
+    by_slug = fleet.groups_by_slug(config, groups)
+    rules = access.describe_groups_rules(ec2, [item.group_id for item in by_slug.values()]) if by_slug else {}
+    for slug, item in sorted(by_slug.items()):
         try:
-            done.append(f"{slug}: {service.housekeeping(clients, item.config, item.tag, now)}")
+            view = box.BoxView(item.tag, instances.get(slug, ()))
+            outcome = service.housekeeping(clients, item.config, item.tag, now, view=view, rules=rules[item.group_id])
+            done.append(f"{slug}: {outcome}")
         except DevboxError as err:
             log.error("%s: housekeeping failed: %s", slug, err.message)
             failed.append(slug)

@@ -460,12 +460,16 @@ def on_interruption(clients: Clients, config: Config, box_name: str, instance_id
     return f"recorded {value}"
 
 
-def housekeeping(clients: Clients, config: Config, box_name: str, now: Optional[datetime] = None) -> str:
-    """Scheduled: stop a box that ran too long, finish cut-off relaunches, prune expired access."""
+def housekeeping(clients: Clients, config: Config, box_name: str, now: Optional[datetime] = None,
+                 view: Optional[box.BoxView] = None, rules: Optional[List[access.IngressRule]] = None) -> str:
+    """Scheduled: stop a box that ran too long, finish cut-off relaunches, prune expired access.
+
+    ``view`` and ``rules`` may be given already read (a fleet reads every box's at once).
+    """
     now = now or _now()
     ec2 = clients("ec2")
     done: List[str] = []
-    view = box.describe_box(ec2, box_name)
+    view = view if view is not None else box.describe_box(ec2, box_name)
     current = view.current
     # The stop comes first: it saves money, and must not wait on a pruning failure.
     if config.max_runtime_hours is not None and current is not None:
@@ -489,7 +493,8 @@ def housekeeping(clients: Clients, config: Config, box_name: str, now: Optional[
         # A retired instance left running by a cut-off relaunch costs money until it is terminated.
         _finish_retirements(ec2, view, now)
         done.append(f"retired {len(leftovers)} leftover instance(s)")
-    rules = access.describe_rules(ec2, config.security_group_id)
+    if rules is None:
+        rules = access.describe_rules(ec2, config.security_group_id)
     expired = access.expired_rules(rules, now, timedelta(hours=config.access_ttl_hours))
     revoked = access.revoke_rules(ec2, config.security_group_id, expired)
     done.append(f"pruned {len(revoked)} expired rules")

@@ -482,3 +482,16 @@ def test_owner_key_role_gives_every_session_of_a_role_one_box(team: Fleet, make_
     assert first["box"] == second["box"] == "dev"
     assert first["owner"] == second["owner"] == "arn:aws:sts::123456789012:assumed-role/Dev"
     assert len(team.box_instances("dev")) == 1
+
+
+def test_housekeeping_reads_the_whole_fleet_in_three_calls(team: Fleet, app_client: Client,
+                                                           caller: Callable[..., None], fleet_calls: CallLog):
+    for n in range(3):
+        caller(f"arn:aws:iam::123456789012:user/dev{n}", f"203.0.113.{n + 1}")
+        app_client.http.post("/start")
+    fleet_calls.reset()
+    event = app_client.events.generate_cw_event(source="aws.events", detail_type="Scheduled Event", detail={},
+                                                resources=[], region="us-east-1")
+    app_client.lambda_.invoke("housekeeping", event)
+    assert sorted(fleet_calls.made) == ["DescribeInstances", "DescribeSecurityGroupRules", "DescribeSecurityGroups"]
+    assert all(team.box_rules(f"dev{n}") == [f"203.0.113.{n + 1}/32"] * 2 for n in range(3))
