@@ -405,16 +405,22 @@ def remove_box(clients: ClientFactory, plan: BoxTeardown, owner: str, *, delete_
         print(f"box {tag}: no claims table recorded (BOXES_TABLE); no claim to release")
         return snapshots
     ddb: DynamoDBClient = clients("dynamodb")
-    released = _release_claim(ddb, plan.table, plan.slug)
+    # The cost record before the claim: while the claim is there a re-run finds the box, and once it is
+    # released nothing of the box is left to be mistaken for a new owner's box of the same name.
+    try:
+        if _delete_item(ddb, plan.table, f"box:{plan.slug}"):
+            print(f"deleted the cost record of {plan.slug}")
+    except ClientError as err:
+        if err.response["Error"]["Code"] != "ResourceNotFoundException":
+            raise
+    released = _release_claim(ddb, plan.table, plan.slug, owner)
     if released is None:
         print(f"box {tag}: the claims table {plan.table} no longer exists; no claim to release")
         return snapshots
     if released:
         print(f"released the claim on {plan.slug}" + (f" (owner {owner})" if owner else ""))
     else:
-        print(f"box {tag}: no claim to release")
-    if _delete_item(ddb, plan.table, f"box:{plan.slug}"):
-        print(f"deleted the cost record of {plan.slug}")
+        print(f"box {tag}: no claim of {owner or 'its owner'} to release")
     return snapshots
 
 
@@ -450,7 +456,9 @@ def _snapshot_box_data(ec2: EC2Client, volume: Mapping[str, Any], tag: str, *, r
         earlier = [
             s for s in _removal_snapshots(ec2, tag)
             if s.get("VolumeId") == volume_id and s.get("State") in ("pending", "completed")
-            and (after is None or (isinstance(s.get("StartTime"), datetime) and s["StartTime"] >= after))
+            # Only a snapshot begun after the box's last start is known to hold its latest data
+            # (terminated instances drop out of DescribeInstances after a while: no start seen is no proof).
+            and after is not None and isinstance(s.get("StartTime"), datetime) and s["StartTime"] >= after
         ]
         if earlier:
             snapshot_id = str(earlier[-1]["SnapshotId"])
@@ -510,16 +518,23 @@ def _read_item(ddb: DynamoDBClient, table: str, item_id: str) -> Dict[str, Any]:
 
 
 
-def _release_claim(ddb: DynamoDBClient, table: str, slug: str) -> Optional[bool]:
-    """Take the name out of the fleet's claims; False when it held none, None when the table is gone."""
+def _release_claim(ddb: DynamoDBClient, table: str, slug: str, owner: str = "") -> Optional[bool]:
+    """Take the name out of the fleet's claims (only the owner's claim, when the owner is known);
+    False when there was none to release, None when the table is gone."""
+    condition = "(contains(boxes, :slug) OR attribute_exists(#owner))"
+    values: Dict[str, Any] = {":slugs": {"SS": [slug]}, ":slug": {"S": slug}}
+    if owner:
+        # A name claimed again by someone else since (the app stays up under --box) is theirs.
+        condition += " AND (attribute_not_exists(#owner) OR #owner = :owner)"
+        values[":owner"] = {"S": owner}
     try:
         ddb.update_item(
             TableName=table, Key={"id": {"S": FLEET_ITEM}},
             UpdateExpression="DELETE boxes :slugs REMOVE #owner",
             # Only when there is a claim: an update of a missing item would create it.
-            ConditionExpression="contains(boxes, :slug) OR attribute_exists(#owner)",
+            ConditionExpression=condition,
             ExpressionAttributeNames={"#owner": f"owner:{slug}"},
-            ExpressionAttributeValues={":slugs": {"SS": [slug]}, ":slug": {"S": slug}},
+            ExpressionAttributeValues=values,
         )
     except ClientError as err:
         code = err.response["Error"]["Code"]

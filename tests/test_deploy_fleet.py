@@ -671,3 +671,22 @@ def test_deploy_refuses_fleet_settings_the_app_would_refuse() -> None:
     for argv in (["--max-boxes", "0"], ["--max-boxes", "1001"], ["--admin-owners", "arn:aws:iam::1:user/a b"]):
         with pytest.raises(SystemExit):
             parse(add_deploy_arguments, *argv)
+
+
+def test_a_name_claimed_by_another_owner_since_is_not_released(team: Team) -> None:
+    table = team.env["BOXES_TABLE"]
+    assert fleet_teardown._release_claim(team.ddb, table, "alice", "arn:aws:iam::123456789012:user/someone") is False
+    assert "alice" in team.claims()["boxes"]
+    assert fleet_teardown._release_claim(team.ddb, table, "alice", ALICE) is True
+    assert "alice" not in team.claims().get("boxes", [])
+
+
+def test_a_snapshot_is_reused_only_when_it_began_after_the_boxs_last_start(team: Team) -> None:
+    slug = "alice"
+    (volume,) = boxaws.find_data_volumes(team.ec2, team.tag(slug))
+    first = fleet_teardown._snapshot_box_data(team.ec2, volume, team.tag(slug), reuse=True, after=None)
+    # No start seen (terminated instances drop out of EC2's listing) proves nothing: a new snapshot.
+    second = fleet_teardown._snapshot_box_data(team.ec2, volume, team.tag(slug), reuse=True, after=None)
+    assert first != second
+    began = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    assert fleet_teardown._snapshot_box_data(team.ec2, volume, team.tag(slug), reuse=True, after=began) == second
