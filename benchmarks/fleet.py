@@ -14,7 +14,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -26,39 +26,28 @@ def measure(boxes: int) -> Dict[str, Any]:
     """Calls (names, in order made) per operation, and /boxes over a fleet of ``boxes`` boxes."""
     os.environ.update(FAKE)
     sys.path.insert(0, str(ROOT))
-    from chalice.local import LambdaEventConverter
     from chalice.test import Client
     from moto import mock_aws
 
     from chalicelib import aws
-    from tests.conftest import ADMIN, ALICE, Fleet, state_event, write_project
+    from tests.conftest import ADMIN, ALICE, Fleet, count_calls, signed_as, state_event, write_project
 
-    made: List[str] = []
     who = {"arn": ALICE, "ip": "203.0.113.10"}
-    original = LambdaEventConverter.create_lambda_event
-
-    def create(self: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
-        event = original(self, *args, **kwargs)
-        event["requestContext"]["identity"].update(sourceIp=who["ip"], userArn=who["arn"])
-        return event
-
-    LambdaEventConverter.create_lambda_event = create  # type: ignore[method-assign]
     report: Dict[str, Any] = {"calls": {}}
     try:
-        with mock_aws(), tempfile.TemporaryDirectory() as workdir:
+        with mock_aws(), tempfile.TemporaryDirectory() as workdir, signed_as(who):
             aws.reset_clients()
             from app import app
 
             team = Fleet()
             env = team.env(MAX_BOXES=str(max(20, boxes + 1)))
             client = Client(app, stage_name="dev", project_dir=str(write_project(Path(workdir), env)))
-            for service in ("ec2", "route53", "dynamodb"):
-                aws.client(service).meta.events.register("before-call", lambda model, **_: made.append(model.name))
+            log = count_calls("ec2", "route53", "dynamodb")
 
             def count(label: str, call: Any) -> None:
-                made.clear()
+                log.reset()
                 call()
-                report["calls"][label] = {"count": len(made), "calls": list(made)}
+                report["calls"][label] = {"count": len(log.made), "calls": list(log.made)}
 
             def instance_of(slug: str) -> str:
                 return str(team.box_instances(slug)[0]["InstanceId"])
@@ -84,13 +73,12 @@ def measure(boxes: int) -> Dict[str, Any]:
             report["boxes_ms_in_process"] = round((time.perf_counter() - started) * 1000, 1)
             listed = client.http.get("/boxes").json_body
             report["boxes_listed"] = listed["count"]
-            count(f"POST /boxes/dev001/stop (admin)", lambda: client.http.post("/boxes/dev001/stop"))
+            count("POST /boxes/dev001/stop (admin)", lambda: client.http.post("/boxes/dev001/stop"))
             count("housekeeping (every box in turn)", lambda: client.lambda_.invoke(
                 "housekeeping", client.events.generate_cw_event(
                     source="aws.events", detail_type="Scheduled Event", detail={}, resources=[],
                     region="us-east-1")))
     finally:
-        LambdaEventConverter.create_lambda_event = original  # type: ignore[method-assign]
         aws.reset_clients()
     report["measured_at"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     report["boxes"] = boxes

@@ -57,7 +57,12 @@ class FleetBox:
 
 
 def owner_of(identity: Optional[Mapping[str, Any]], config: Config) -> str:
-    """The caller's owner key from API Gateway's verified identity (OWNER_KEY=role: the role, not the session)."""
+    """The caller's owner key from API Gateway's verified identity (OWNER_KEY=role: the role, not the session).
+
+    ``userArn`` is "the Amazon Resource Name (ARN) of the effective user identified after authentication"
+    ($context.identity.userArn, API Gateway's variables for data transformations); for an assumed role it
+    is arn:aws:sts::<account>:assumed-role/<role>/<session> (IAM User Guide, "IAM identifiers").
+    """
     arn = (identity or {}).get("userArn")
     if not isinstance(arn, str) or not arn.startswith("arn:"):
         raise ForbiddenError("the request carries no IAM identity; sign it with IAM credentials (SigV4)")
@@ -138,8 +143,9 @@ def _fleet_box(config: Config, group: Mapping[str, Any]) -> FleetBox:
 
 
 def literal(value: str) -> str:
-    """A filter value that matches exactly this text: EC2 reads * and ? in filter values as wildcards and \\ as
-    their escape ("Filter your resources", EC2 User Guide); an IAM user's path may hold any of them."""
+    """A filter value that matches exactly this text: EC2 reads * and ? in filter values as wildcards, and
+    "use a backslash to escape special characters" (EC2 API reference, Filter); an IAM user's path may
+    hold any of them."""
     return value.replace("\\", "\\\\").replace("*", "\\*").replace("?", "\\?")
 
 
@@ -205,8 +211,9 @@ def create_group(ec2: EC2Client, config: Config, slug: str, owner: str) -> str:
             vpc = ec2.describe_security_groups(GroupIds=[config.security_group_id])["SecurityGroups"][0].get("VpcId")
         except (ClientError, BotoCoreError) as err:
             raise aws_failure(err, "read the deployment's security group (for its VPC)") from err
-    # Group names allow ":" and "/" (not a leading "sg-"); the box tag's "/" keeps names of two
-    # fleets apart (dev + box-alice, dev-box + alice).
+    # CreateSecurityGroup (API reference): names are unique within a VPC, case-insensitively, may hold
+    # ":" and "/", and may not start with "sg-". The box tag's "/" keeps names of two fleets apart
+    # (dev + box-alice, dev-box + alice); two fleets named alike but for case clash in one VPC.
     name = f"devbox:{box_tag(config, slug)}"
     tags = [{"Key": box.BOX_TAG, "Value": box_tag(config, slug)}, {"Key": OWNER_TAG, "Value": owner},
             {"Key": "Name", "Value": name}]

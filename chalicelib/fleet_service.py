@@ -5,6 +5,7 @@ config to it (its own security group, its own record) and hands over to ``servic
 does for one fleet box exactly what it does for a single box.
 """
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
 
@@ -35,7 +36,7 @@ def status(ec2: Any, config: Config, owner: str) -> Dict[str, Any]:
     if item is None:
         # No box yet: what the first start will create.
         doc = service._document(fleet.slug_of(owner), None, config, [])
-        doc.update(box=fleet.slug_of(owner), owner=owner, dns_name=None)
+        doc["owner"] = owner
         return doc
     group = next(g for g in groups if g["GroupId"] == item.group_id)
     mine = box.BoxView(item.tag, tuple(i for i in view.instances if fleet.instance_box(config, i) == item.slug
@@ -55,14 +56,9 @@ def start(ec2: Any, ddb: Any, config: Config, owner: str, source_ip: Optional[st
     if item is None:
         item = fleet.claim_box(ec2, ddb, config, owner)
         log.info("%s: claimed box %s for %s", config.box_name, item.slug, owner)
-    scoped = _owned(item)
-    return _labelled(service.start(ec2, scoped, item.tag, source_ip, instance_type, rebuild), item)
-
-
-def _owned(item: fleet.FleetBox) -> Config:
-    from dataclasses import replace
-
-    return replace(item.config, box_owner=item.owner)
+    # The owner goes on the instances it launches (reads find the caller's box by that tag).
+    owned = replace(item.config, box_owner=item.owner)
+    return _labelled(service.start(ec2, owned, item.tag, source_ip, instance_type, rebuild), item)
 
 
 def stop(ec2: Any, config: Config, owner: str) -> Dict[str, Any]:

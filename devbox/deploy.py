@@ -401,6 +401,22 @@ def apply_stage_settings(project_dir: str, stage: str, settings: Mapping[str, st
               " `devbox destroy --box NAME` for each")
 
 
+# What stops a teardown halfway: a re-run finishes it.
+CUT_OFF = (DeployError, StackError, WaiterError, ClientError, BotoCoreError)
+
+
+def cut_off(err: Exception, again: str) -> int:
+    """Say in one line why a teardown stopped halfway, and that running `again` finishes it; returns 1."""
+    if isinstance(err, WaiterError):
+        reason = f"gave up waiting: {err}"
+    elif isinstance(err, (ClientError, BotoCoreError)):
+        reason = f"AWS refused: {err}"
+    else:
+        reason = str(err)
+    print(f"devbox destroy: {reason}; run {again} again to finish", file=sys.stderr)
+    return 1
+
+
 def run_destroy(
     args: argparse.Namespace,
     *,
@@ -472,15 +488,8 @@ def run_destroy(
         print(f"deleting stack {args.stack_name} ...")
         cfn.delete_stack(StackName=teardown.stack_id)
         _wait(cfn, "stack_delete_complete", teardown.stack_id)
-    except (DeployError, StackError) as err:
-        print(f"devbox destroy: {err}; run destroy again to finish", file=sys.stderr)
-        return 1
-    except WaiterError as err:
-        print(f"devbox destroy: gave up waiting: {err}; run destroy again to finish", file=sys.stderr)
-        return 1
-    except (ClientError, BotoCoreError) as err:
-        print(f"devbox destroy: AWS refused: {err}; run destroy again to finish", file=sys.stderr)
-        return 1
+    except CUT_OFF as err:
+        return cut_off(err, "destroy")
     print(f"stack {args.stack_name} deleted")
     return 0
 

@@ -25,13 +25,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Tuple
 
-from botocore.exceptions import BotoCoreError, ClientError, WaiterError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from devbox import boxaws
 from devbox.boxaws import ClientFactory
 from devbox.deploy import (_BOX_SLUG, _SNAPSHOT_PRICE, _VOLUME_PRICE, DeployError, Teardown, _confirm_delete_data,
                            _delete_record, _is_terminal, _recorded_env, _session_clients, _stage, _truthy,
-                           end_instances, plan_teardown)
+                           CUT_OFF, cut_off, end_instances, plan_teardown)
 from devbox.stack import StackError, describe_stack, stack_outputs
 
 if TYPE_CHECKING:
@@ -159,15 +159,8 @@ def run_destroy_box(
     try:
         snapshots = remove_box(clients, plan, found.owner, delete_data=delete_data,
                                profile=getattr(args, "profile", None))
-    except DeployError as err:
-        print(f"devbox destroy: {err}; run {again} again to finish", file=sys.stderr)
-        return 1
-    except WaiterError as err:
-        print(f"devbox destroy: gave up waiting: {err}; run {again} again to finish", file=sys.stderr)
-        return 1
-    except (ClientError, BotoCoreError) as err:
-        print(f"devbox destroy: AWS refused: {err}; run {again} again to finish", file=sys.stderr)
-        return 1
+    except CUT_OFF as err:
+        return cut_off(err, again)
     print(f"removed box {slug} from the fleet {plan.fleet}" + (f"; its data is in {', '.join(snapshots)}" if snapshots else "")
           + "; the stack, the app and the other boxes are as they were")
     return 0

@@ -173,7 +173,9 @@ def build_policy(
         # Each box launches into its own group, the app's creation (tagged with the box at creation).
         statements.append(_allow("LaunchIntoBoxGroups", POLICY_ACTIONS["launch"], f"{ec2_arn}:security-group/*",
                                  _and_equals(own, {"ec2:LaunchTemplate": template_arn})))
-        # CreateSecurityGroup takes the new group (which must carry the box tag) and the VPC it goes in.
+        # CreateSecurityGroup takes the new group (which must carry the box tag) and the VPC it goes in; its
+        # tags need CreateTags with ec2:CreateAction=CreateSecurityGroup (EC2 User Guide, "Grant permission to
+        # tag resources during creation").
         statements.append(_allow("CreateBoxGroups", POLICY_ACTIONS["create_group"], f"{ec2_arn}:security-group/*",
                                  requested))
         statements.append(_allow("CreateBoxGroupsInTheVpc", POLICY_ACTIONS["create_group"],
@@ -200,7 +202,8 @@ def build_policy(
         names_key = "route53:ChangeResourceRecordSetsNormalizedRecordNames"
         names: Dict[str, Any] = {}
         if domain_name and fleet:
-            # One record per box: <slug>.<domain>, and nothing else in the zone.
+            # One record per box: <slug>.<domain>, and nothing else in the zone (Route 53 Developer Guide,
+            # "Using IAM policy conditions for fine-grained access control": NormalizedRecordNames with StringLike).
             names = {"ForAllValues:StringLike": {names_key: [f"*.{domain_name.rstrip('.').lower()}"]}}
         elif domain_name:
             record_only[names_key] = [domain_name.rstrip(".").lower()]

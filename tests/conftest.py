@@ -1,9 +1,11 @@
 """Shared fixtures: fake credentials, moto, the devbox's AWS resources, a Chalice test client."""
 import json
 import os
+import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, MutableMapping, Optional, Sequence
 
 import boto3
 import pytest
@@ -326,13 +328,56 @@ class CallLog:
         self.made.clear()
 
 
+def count_calls(*services: str) -> CallLog:
+    """A CallLog of every API call the app's clients of these services make."""
+    log = CallLog()
+    for service in services:
+        aws.client(service).meta.events.register("before-call", log.record)
+    return log
+
+
 @pytest.fixture
 def aws_calls(moto: None) -> CallLog:
     """Count every API call the app's EC2 and Route53 clients make."""
-    log = CallLog()
-    for service in ("ec2", "route53", "sns"):
-        aws.client(service).meta.events.register("before-call", log.record)
-    return log
+    return count_calls("ec2", "route53", "sns")
+
+
+@contextmanager
+def signed_as(who: MutableMapping[str, str]) -> Iterator[None]:
+    """While open, chalice's test client's requests carry ``who["arn"]`` as the caller's IAM identity and
+    ``who["ip"]`` as its address, as API Gateway's request context reports them (change ``who`` between calls)."""
+    original = LambdaEventConverter.create_lambda_event
+
+    def create(self: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        event = original(self, *args, **kwargs)
+        event["requestContext"]["identity"].update(sourceIp=who["ip"], userArn=who["arn"])
+        return event
+
+    LambdaEventConverter.create_lambda_event = create  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LambdaEventConverter.create_lambda_event = original  # type: ignore[method-assign]
+
+
+def at_once(calls: Sequence[Callable[[], Any]]) -> List[Any]:
+    """Run the calls in threads released together; each one's result, or the exception it raised."""
+    results: List[Any] = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = calls[index]()
+        except Exception as err:  # the test inspects what each call got
+            results[index] = err
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 class _RawBody:

@@ -2,9 +2,7 @@
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Callable, List
 
 import pytest
 import requests
@@ -12,6 +10,7 @@ import requests
 from devbox import fleetdemo
 from devbox.local import LocalStack, free_port
 from devbox.sigv4_check import LocalIdentity
+from tests.conftest import at_once
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,22 +25,6 @@ def test_fleet_demo_with_three_owners_passes():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr
     assert "demo passed" in done.stdout
     assert "FAIL" not in done.stdout
-
-
-def _at_once(calls: List[Callable[[], Any]]) -> List[Any]:
-    results: List[Any] = [None] * len(calls)
-    barrier = threading.Barrier(len(calls))
-
-    def run(index: int) -> None:
-        barrier.wait()
-        results[index] = calls[index]()
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +45,12 @@ def test_one_owners_8_first_starts_give_one_box_then_21_owners_for_20_places_get
     stack, owners, admin = fleet_stack
     view = fleetdemo.FleetView(stack)
     same = owners[21]
-    answers = _at_once([lambda: _post(stack, same, "/start") for _ in range(8)])
+    answers = at_once([lambda: _post(stack, same, "/start") for _ in range(8)])
     assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
     assert {a.json()["box"] for a in answers} == {"racer21"}
     assert len(view.instances("racer21")) == 1 and view.group("racer21") is not None
     # MAX_BOXES=21 and racer21 holds one: 21 owners at once for the 20 places left.
-    answers = _at_once([lambda o=o: _post(stack, o, "/start") for o in owners[:21]])
+    answers = at_once([lambda o=o: _post(stack, o, "/start") for o in owners[:21]])
     statuses = sorted(a.status_code for a in answers)
     assert statuses == [200] * 20 + [409], [a.text for a in answers if a.status_code != 200]
     refused = next(a for a in answers if a.status_code == 409)

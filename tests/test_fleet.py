@@ -1,16 +1,15 @@
 """A box per caller (FLEET=true), through the app's routes and events against moto."""
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Iterator
 
-import boto3
 import pytest
-from chalice.local import LambdaEventConverter
 from chalice.test import Client
 
 from chalicelib import aws, fleet, fleet_service
 from chalicelib.config import Config
-from tests.conftest import ADMIN, ALICE, BOB, DOMAIN, TABLE, CallLog, Devbox, Fleet, state_event
+from tests.conftest import (ADMIN, ALICE, BOB, DOMAIN, TABLE, CallLog, Devbox, Fleet, at_once, count_calls, signed_as,
+                            state_event)
 
 
 
@@ -20,22 +19,15 @@ def team(moto: None) -> Fleet:
 
 
 @pytest.fixture
-def caller(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+def caller() -> Iterator[Callable[..., None]]:
     """Make the next requests come as an IAM identity from an address, as API Gateway's context reports them."""
     who = {"arn": ALICE, "ip": "203.0.113.10"}
-    original = LambdaEventConverter.create_lambda_event
-
-    def create(self: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
-        event = original(self, *args, **kwargs)
-        event["requestContext"]["identity"].update(sourceIp=who["ip"], userArn=who["arn"])
-        return event
-
-    monkeypatch.setattr(LambdaEventConverter, "create_lambda_event", create)
 
     def use(arn: str, ip: str = "203.0.113.10") -> None:
         who.update(arn=arn, ip=ip)
 
-    return use
+    with signed_as(who):
+        yield use
 
 
 @pytest.fixture
@@ -301,10 +293,7 @@ def test_two_identities_with_one_readable_name_get_two_boxes(team: Fleet, app_cl
 
 @pytest.fixture
 def fleet_calls(team: Fleet) -> CallLog:
-    log = CallLog()
-    for service in ("ec2", "route53", "dynamodb"):
-        aws.client(service).meta.events.register("before-call", log.record)
-    return log
+    return count_calls("ec2", "route53", "dynamodb")
 
 
 def test_an_owners_status_makes_two_calls(team: Fleet, app_client: Client, caller: Callable[..., None],
@@ -343,30 +332,11 @@ def atomic_writes(team: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.setattr(found, name, serialized)
 
 
-def _at_once(calls: List[Callable[[], Any]]) -> List[Any]:
-    results: List[Any] = [None] * len(calls)
-    barrier = threading.Barrier(len(calls))
-
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            results[index] = calls[index]()
-        except Exception as err:  # the test inspects what each start got
-            results[index] = err
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
-
-
 def test_21_owners_at_once_with_max_boxes_20_get_20_boxes_and_one_409(team: Fleet, atomic_writes: None,
                                                                        client_tokens: Any):
     config = Config.from_env(team.env(MAX_BOXES="20"))
     owners = [f"arn:aws:iam::123456789012:user/dev{n:02d}" for n in range(21)]
-    results = _at_once([lambda o=o: fleet_service.start(aws.client("ec2"), aws.client("dynamodb"), config, o,
+    results = at_once([lambda o=o: fleet_service.start(aws.client("ec2"), aws.client("dynamodb"), config, o,
                                                         "203.0.113.9") for o in owners])
     refused = [r for r in results if isinstance(r, Exception)]
     assert len(refused) == 1 and getattr(refused[0], "status_code", None) == 409, refused
@@ -378,7 +348,7 @@ def test_21_owners_at_once_with_max_boxes_20_get_20_boxes_and_one_409(team: Flee
 
 def test_one_owners_8_first_starts_at_once_give_one_box(team: Fleet, atomic_writes: None, client_tokens: Any):
     config = Config.from_env(team.env())
-    results = _at_once([lambda: fleet_service.start(aws.client("ec2"), aws.client("dynamodb"), config, ALICE,
+    results = at_once([lambda: fleet_service.start(aws.client("ec2"), aws.client("dynamodb"), config, ALICE,
                                                     "203.0.113.9") for _ in range(8)])
     assert all(isinstance(r, dict) and r["box"] == "alice" for r in results), results
     assert len(team.groups()) == 1
