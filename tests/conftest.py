@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterator, List, MutableMapping, Optional
 
 import boto3
 import pytest
+from botocore.client import BaseClient
 from chalice.local import LambdaEventConverter
 from chalice.test import Client
 from moto import mock_aws
@@ -465,6 +466,25 @@ def scheduled_event(client: Client) -> Dict[str, Any]:
 
 
 @pytest.fixture
+def one_request_at_a_time(moto: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every boto3 call in this test reaches moto's in-process backend one at a time.
+
+    AWS serves concurrent requests; moto's backend is not thread-safe (a describe iterates a dict
+    another thread's create is changing: "dictionary changed size during iteration") and checks
+    then writes in separate steps. Serializing whole requests keeps the races the app must survive,
+    which lie between its calls, and makes each call atomic as AWS applies it.
+    """
+    lock = threading.RLock()
+    original = BaseClient._make_api_call
+
+    def serialized(self: BaseClient, operation_name: str, api_params: Dict[str, Any]) -> Any:
+        with lock:
+            return original(self, operation_name, api_params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", serialized)
+
+
+@pytest.fixture
 def client_tokens(moto: None, monkeypatch: pytest.MonkeyPatch) -> Dict[Any, Any]:
     """EC2's documented ClientToken idempotency, which moto lacks, on the app's EC2 client.
 
@@ -472,8 +492,6 @@ def client_tokens(moto: None, monkeypatch: pytest.MonkeyPatch) -> Dict[Any, Any]
     answer (only the instance's state may differ) and creates nothing ("Ensuring idempotency in
     Amazon EC2 API requests"). Calls with one token are serialized, as AWS's answer is atomic.
     """
-    import threading
-
     ec2 = aws.client("ec2")
     lock = threading.Lock()
     answers: Dict[Any, Any] = {}

@@ -1,5 +1,4 @@
 """A box per caller (FLEET=true), through the app's routes and events against moto."""
-import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
@@ -312,27 +311,7 @@ def test_an_owners_status_makes_two_calls(team: Fleet, app_client: Client, calle
 # --- starts at once ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def atomic_writes(team: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What AWS guarantees and moto's in-process backend does not, on the app's clients.
-
-    DynamoDB applies a conditional write to one item atomically; EC2 creates one group of a
-    name per VPC. moto checks and writes in separate steps, so calls are serialized here.
-    """
-    lock = threading.Lock()
-    for service, names in (("dynamodb", ("update_item",)), ("ec2", ("create_security_group",))):
-        found = aws.client(service)
-        for name in names:
-            method = getattr(found, name)
-
-            def serialized(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
-                with lock:
-                    return _method(*args, **kwargs)
-
-            monkeypatch.setattr(found, name, serialized)
-
-
-def test_21_owners_at_once_with_max_boxes_20_get_20_boxes_and_one_409(team: Fleet, atomic_writes: None,
+def test_21_owners_at_once_with_max_boxes_20_get_20_boxes_and_one_409(team: Fleet, one_request_at_a_time: None,
                                                                        client_tokens: Any):
     config = Config.from_env(team.env(MAX_BOXES="20"))
     owners = [f"arn:aws:iam::123456789012:user/dev{n:02d}" for n in range(21)]
@@ -346,7 +325,7 @@ def test_21_owners_at_once_with_max_boxes_20_get_20_boxes_and_one_409(team: Flee
     assert all(len(team.box_instances(slug)) == 1 for slug in started)
 
 
-def test_one_owners_8_first_starts_at_once_give_one_box(team: Fleet, atomic_writes: None, client_tokens: Any):
+def test_one_owners_8_first_starts_at_once_give_one_box(team: Fleet, one_request_at_a_time: None, client_tokens: Any):
     config = Config.from_env(team.env())
     results = at_once([lambda: fleet_service.start(aws.client("ec2"), aws.client("dynamodb"), config, ALICE,
                                                     "203.0.113.9") for _ in range(8)])

@@ -272,7 +272,7 @@ def test_group_whose_quota_is_below_rule_quota_still_lets_the_caller_in_with_a_w
 # Races: starts in threads against moto, each call applied whole as AWS applies it.
 
 @pytest.fixture
-def aws_like(devbox, monkeypatch):
+def aws_like(devbox, monkeypatch, one_request_at_a_time):
     """The app's EC2 client with AWS's behaviour: one group call at a time, an add past 60 rules refused whole."""
     ec2 = aws.client("ec2")
     lock = threading.Lock()
