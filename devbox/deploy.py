@@ -439,8 +439,8 @@ def run_destroy(
     stdin = stdin or sys.stdin
     if ask and not _is_terminal(stdin):
         print(
-            "devbox destroy: --delete-data deletes the box's data volume for good and there is no terminal to"
-            " confirm it on; pass --yes as well. Nothing was changed.",
+            "devbox destroy: --delete-data deletes the box's data volume for good (a fleet's boxes' once they are"
+            " snapshotted) and there is no terminal to confirm it on; pass --yes as well. Nothing was changed.",
             file=sys.stderr,
         )
         return 1

@@ -130,21 +130,24 @@ def run_destroy_box(
         return 1
     stage = _stage(args)
     recorded = _recorded_env(args.project_dir, stage)
-    if not _truthy(recorded.get("FLEET", "")):
-        print(
-            f"devbox destroy: --box removes one box of a fleet, and stage {stage} in"
-            f" {Path(args.project_dir) / '.chalice' / 'config.json'} is not a fleet (no FLEET=true; `devbox deploy"
-            " --fleet` makes it one). `devbox destroy` without --box removes the whole deployment. Nothing was changed.",
-            file=sys.stderr,
-        )
-        return 1
     try:
         clients = clients or _session_clients(args)
-        plan = plan_box_teardown(args.stack_name, describe_stack(clients("cloudformation"), args.stack_name),
-                                 recorded, slug)
+        stack = describe_stack(clients("cloudformation"), args.stack_name)
+        # A fresh checkout records no settings: the stack's claims table says a fleet may be there.
+        if not _truthy(recorded.get("FLEET", "")) and "BoxesTable" not in (stack_outputs(stack) if stack else {}):
+            print(
+                f"devbox destroy: --box removes one box of a fleet, and neither stage {stage} in"
+                f" {Path(args.project_dir) / '.chalice' / 'config.json'} (no FLEET=true) nor the stack"
+                f" {args.stack_name} (no BoxesTable output) is a fleet. `devbox destroy` without --box removes the"
+                " whole deployment. Nothing was changed.",
+                file=sys.stderr,
+            )
+            return 1
+        plan = plan_box_teardown(args.stack_name, stack, recorded, slug)
         found = find_box(clients, plan)
         if not found.exists:
-            print(f"devbox destroy: {_no_such_box(plan, found)} Nothing was changed.", file=sys.stderr)
+            hint = "" if _truthy(recorded.get("FLEET", "")) else f" (stage {stage} does not record FLEET=true.)"
+            print(f"devbox destroy: {_no_such_box(plan, found)}{hint} Nothing was changed.", file=sys.stderr)
             return 1
         print(_found_text(plan, found))
         if ask and not _confirm_delete_data(slug, found.volumes, stdin, snapshot=True):
@@ -568,8 +571,11 @@ def _found_text(plan: BoxTeardown, found: BoxFound, command: str = "") -> str:
     ]
     text = f"box {plan.slug} of the fleet {plan.fleet}" + (f" (owner {found.owner})" if found.owner else "")
     text += ": " + ", ".join(p for p in parts if p)
-    if found.snapshot_ids or found.kept_volume_ids:
-        text += f"\nan earlier {command or f'`devbox destroy --box {plan.slug}`'} did not finish; removing what it left"
+    kept = found.snapshot_ids + found.kept_volume_ids
+    if kept:
+        # A finished removal (the name claimed again since) and a cut-off one leave the same traces.
+        text += (f"\nan earlier {command or f'`devbox destroy --box {plan.slug}`'} kept {', '.join(kept)}: they stay;"
+                 " what a cut-off run left is removed now")
     return text
 
 

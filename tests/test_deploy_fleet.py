@@ -261,7 +261,7 @@ def test_box_names_that_are_not_dns_labels_are_refused_before_anything_runs() ->
             parse(add_destroy_arguments, "--box", name)
 
 
-def test_box_of_a_deployment_that_is_not_a_fleet_is_refused(
+def test_box_of_a_single_box_deployment_is_not_found_and_nothing_changes(
     aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = deployed(aws, project_dir)
@@ -272,10 +272,39 @@ def test_box_of_a_deployment_that_is_not_a_fleet_is_refused(
     assert destroy_box(aws, project_dir, "--box", "devbox", log=log) == 1
 
     err = capsys.readouterr().err
-    assert "--box removes one box of a fleet" in err and "not a fleet" in err and "Nothing was changed." in err
-    assert log == []
+    assert "the fleet devbox has no box named devbox" in err and "Nothing was changed." in err
+    assert "stage dev does not record FLEET=true" in err
+    assert log and all(call.split(".", 1)[1].startswith(READ_ONLY) for call in log), log
     assert state_of(instance["InstanceId"]) == "running"
     assert stack_names() == ["devbox"]
+
+
+def test_box_without_a_fleet_in_the_settings_or_the_stack_is_refused(
+    aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deployed(aws, project_dir)
+    capsys.readouterr()
+    log: List[str] = []
+
+    assert destroy_box(aws, project_dir, "--box", "alice", "--stack-name", "gone", log=log) == 1
+
+    err = capsys.readouterr().err
+    assert "--box removes one box of a fleet" in err and "no BoxesTable output" in err
+    assert "Nothing was changed." in err
+    assert log == ["cloudformation.DescribeStacks"]
+
+
+def test_box_of_a_fleet_is_removed_from_a_checkout_without_its_settings(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A teammate's fresh checkout: the stage records nothing; the stack's claims table tells a fleet.
+    (project_dir / ".chalice" / "config.json").unlink()
+
+    assert destroy_box(aws, project_dir, "--box", "alice") == 0
+
+    assert "removed box alice from the fleet devbox" in capsys.readouterr().out
+    assert team.groups("alice") == [] and team.claims()["boxes"] == ["bob"]
+    assert team.groups("bob") != []
 
 
 def test_box_of_another_deployment_than_the_recorded_one_is_refused(
@@ -303,7 +332,7 @@ def test_rerun_after_a_cut_off_run_finishes_what_is_left(
     assert destroy_box(aws, project_dir, "--box", "alice") == 0
 
     out = capsys.readouterr().out
-    assert "an earlier `devbox destroy --box alice` did not finish" in out
+    assert "an earlier `devbox destroy --box alice` kept snap-" in out and "they stay" in out
     assert "box devbox/alice: no instance to terminate" in out
     assert "box devbox/alice: no security group" in out
     assert "released the claim on alice" in out
@@ -564,7 +593,7 @@ def test_rerun_of_a_fleet_destroy_cut_off_at_a_group_finishes_it(
     assert (code, [c[0][1] for c in runner.commands]) == (0, ["delete"])
     out = capsys.readouterr().out
     assert "the fleet devbox: 2 boxes to remove (alice, bob)" in out
-    assert "box alice of the fleet devbox" in out and "an earlier `devbox destroy` did not finish" in out
+    assert "box alice of the fleet devbox" in out and "an earlier `devbox destroy` kept" in out
     assert team.groups("alice") == [] and team.groups("bob") == [] and team.records() == []
     # alice's data as the first run left it, bob's snapshotted now; the summary names both.
     assert kept_data(team, "alice") == (alice_volume, alice_snapshot)
