@@ -36,6 +36,8 @@ else:
     EC2Client = Any
 
 OWNER_TAG = box.OWNER_TAG
+# Put on a box's group by `devbox destroy --box` before it ends anything: starts are refused from then on.
+REMOVING_TAG = "devbox:removing"
 FLEET_ITEM = "fleet"
 SLUG_LIMIT = 40
 _HASH_LENGTH = 8
@@ -54,6 +56,8 @@ class FleetBox:
     owner: str
     group_id: str
     config: Config
+    # When an admin's `devbox destroy --box` began removing the box (the group's REMOVING_TAG), or "".
+    removing: str = ""
 
 
 def owner_of(identity: Optional[Mapping[str, Any]], config: Config) -> str:
@@ -136,7 +140,8 @@ def _fleet_box(config: Config, group: Mapping[str, Any]) -> FleetBox:
     tag = tags.get(box.BOX_TAG, "")
     slug = tag.split("/", 1)[1] if tag.startswith(f"{config.box_name}/") else ""
     group_id = str(group["GroupId"])
-    return FleetBox(slug, tag, tags.get(OWNER_TAG, ""), group_id, scoped(config, slug, group_id))
+    return FleetBox(slug, tag, tags.get(OWNER_TAG, ""), group_id, scoped(config, slug, group_id),
+                    tags.get(REMOVING_TAG, ""))
 
 
 # --- security groups: one per box, found by tag --------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from chalicelib import access, box, cost, fleet, instance, service
 from chalicelib.config import Config
-from chalicelib.errors import DevboxError, ForbiddenError
+from chalicelib.errors import DevboxError, ForbiddenError, StateConflictError
 
 log = logging.getLogger("devbox")
 Clients = Callable[[str], Any]
@@ -23,6 +23,8 @@ def _now() -> datetime:
 
 def _labelled(doc: Dict[str, Any], item: fleet.FleetBox) -> Dict[str, Any]:
     doc.update(box=item.slug, owner=item.owner)
+    if item.removing:
+        doc["removing"] = item.removing
     return doc
 
 
@@ -56,6 +58,11 @@ def start(ec2: Any, ddb: Any, config: Config, owner: str, source_ip: Optional[st
     if item is None:
         item = fleet.claim_box(ec2, ddb, config, owner)
         log.info("%s: claimed box %s for %s", config.box_name, item.slug, owner)
+    elif item.removing:
+        # A start now would attach the data volume the removal is snapshotting and setting aside.
+        raise StateConflictError(
+            f"your box {item.slug} is being removed by an admin (`devbox destroy --box {item.slug}`, begun"
+            f" {item.removing}); once that has finished, `devbox start` gives you a new box")
     # The owner goes on the instances it launches (reads find the caller's box by that tag).
     owned = replace(item.config, box_owner=item.owner)
     return _labelled(service.start(ec2, owned, item.tag, source_ip, instance_type, rebuild), item)

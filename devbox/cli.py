@@ -666,6 +666,9 @@ def format_status(status: Dict[str, Any], api: Optional[DevboxApi] = None, now: 
         # A fleet's status (e.g. of another's box stopped by an admin) names whose box it is.
         rows.append(("owner", status["owner"]))
     rows.append(("state", state))
+    if status.get("removing") not in (None, ""):
+        rows.append(("removing", f"an admin began removing this box at {_time(status['removing'])};"
+                                 " starts are refused until that has finished"))
     if status.get("interrupted") is True:
         # Only EC2 may start a spot-stopped instance again, whenever capacity returns.
         rows.append(("interrupted", "the spot service stopped this instance; `devbox start` launches a new"

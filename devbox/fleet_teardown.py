@@ -47,6 +47,8 @@ OWNER_TAG = "devbox:owner"
 # once it is set aside (the app finds a box's data volume by devbox:role=data).
 REMOVED_TAG = "devbox:removed"
 KEPT_ROLE = "removed-data"
+# On a box's group while `destroy --box` runs: the app refuses its owner's starts (chalicelib.fleet).
+REMOVING_TAG = "devbox:removing"
 # A terminated instance's network interface holds on to its group for a while after it is gone.
 GROUP_DELETE_WAIT = {"Delay": 10, "MaxAttempts": 30}
 
@@ -160,6 +162,9 @@ def run_destroy_box(
         print(f"devbox destroy: AWS refused: {err}", file=sys.stderr)
         return 1
     try:
+        # The app stays up: from here on it refuses its owner's starts, which would attach the data volume
+        # being snapshotted and set aside (the full destroy deletes the app first instead).
+        _mark_removing(clients("ec2"), plan, found.group_ids)
         snapshots = remove_box(clients, plan, found.owner, delete_data=delete_data,
                                profile=getattr(args, "profile", None))
     except CUT_OFF as err:
@@ -419,6 +424,13 @@ def remove_box(clients: ClientFactory, plan: BoxTeardown, owner: str, *, delete_
         print(f"box {tag}: no claim of {owner or 'its owner'} to release")
     return snapshots
 
+
+
+def _mark_removing(ec2: EC2Client, plan: BoxTeardown, group_ids: Sequence[str]) -> None:
+    if not group_ids:
+        return
+    ec2.create_tags(Resources=list(group_ids), Tags=[{"Key": REMOVING_TAG, "Value": _now()}])
+    print(f"box {plan.tag}: marked as being removed ({REMOVING_TAG}); its owner's starts are refused from now on")
 
 
 def _find_groups(ec2: EC2Client, tag: str) -> List[Dict[str, Any]]:

@@ -220,6 +220,20 @@ def test_stop_box_posts_to_the_box_and_prints_its_status(fake_api: FakeApi, run:
     ]
 
 
+def test_status_of_a_box_being_removed_says_starts_are_refused(fake_api: FakeApi, run: Run) -> None:
+    fake_api.answer("GET", "/status", (200, status_doc(box="bob", owner=BOB, state="stopped",
+                                                       removing="2026-11-29T20:00:00Z")))
+
+    code, out, err = run("status", "--url", fake_api.url)
+
+    assert (code, err) == (0, "")
+    assert out.splitlines()[2:4] == [
+        "state:        stopped",
+        "removing:     an admin began removing this box at 2026-11-29 20:00:00 UTC; starts are refused until that"
+        " has finished",
+    ]
+
+
 def test_stop_box_json_prints_the_status_document(fake_api: FakeApi, run: Run) -> None:
     document = status_doc(box="bob", owner=BOB, state="stopping")
     fake_api.answer("POST", "/boxes/bob/stop", (200, document))

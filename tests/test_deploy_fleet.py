@@ -16,6 +16,7 @@ from chalicelib import aws as app_aws
 from chalicelib import fleet as app_fleet
 from chalicelib import fleet_service
 from chalicelib.config import Config
+from chalicelib.errors import StateConflictError
 from devbox import boxaws, fleet_teardown
 from devbox.deploy import add_deploy_arguments, add_destroy_arguments, run_destroy
 from tests.test_deploy import (  # noqa: F401  (aws, project_dir: fixtures)
@@ -136,11 +137,16 @@ def destroy_box(aws: Dict[str, Any], project_dir: Path, *argv: str, log: Optiona
     return code
 
 
-def fail(client: Any, operation: str, code: str, times: Optional[int] = None) -> None:
-    """Make an operation of a moto-backed client answer with an AWS error (every time, or the first times)."""
+def fail(client: Any, operation: str, code: str, times: Optional[int] = None, after: int = 0) -> None:
+    """Make an operation of a moto-backed client answer with an AWS error (every time, or the first times),
+    once it has succeeded ``after`` times."""
     left = [times]
+    passes = [after]
 
     def answer(**_: Any) -> Any:
+        if passes[0] > 0:
+            passes[0] -= 1
+            return None
         if left[0] is not None:
             if left[0] <= 0:
                 return None
@@ -319,6 +325,27 @@ def test_box_of_another_deployment_than_the_recorded_one_is_refused(
     assert team.world() == before
 
 
+def test_an_owners_start_during_the_removal_of_their_box_is_refused(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Cut off at the snapshot: the group is marked and the instances are ended, the data is not kept yet.
+    fail(moto_clients(aws)("ec2"), "CreateSnapshot", "IncorrectState", times=1)
+    assert destroy_box(aws, project_dir, "--box", "alice") == 1
+    assert "box devbox/alice: marked as being removed (devbox:removing)" in capsys.readouterr().out
+    volume = [v for v, tags in team.volume_tags("alice").items() if tags["devbox:role"] == "data"]
+
+    with pytest.raises(StateConflictError, match="your box alice is being removed by an admin"):
+        team.start(ALICE, "203.0.113.10")
+
+    assert set(team.instances("alice").values()) == {"terminated"}
+    assert team.volume_tags("alice")[volume[0]]["devbox:role"] == "data"
+    assert fleet_teardown.REMOVING_TAG == app_fleet.REMOVING_TAG
+    # Once the removal has finished, her next start is a new box.
+    assert destroy_box(aws, project_dir, "--box", "alice") == 0
+    assert team.start(ALICE, "203.0.113.10") == "alice"
+    assert team.volume_tags("alice")[volume[0]]["devbox:role"] == "removed-data"
+
+
 def test_rerun_after_a_cut_off_run_finishes_what_is_left(
     team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -350,8 +377,8 @@ def test_rerun_after_a_cut_off_run_finishes_what_is_left(
 def test_rerun_after_a_cut_off_snapshot_uses_that_snapshot(
     team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Cut off once the snapshot is taken, before the volume is set aside.
-    fail(moto_clients(aws)("ec2"), "CreateTags", "UnauthorizedOperation", times=1)
+    # Cut off once the snapshot is taken, before the volume is set aside (after the group's removal mark).
+    fail(moto_clients(aws)("ec2"), "CreateTags", "UnauthorizedOperation", times=1, after=1)
     assert destroy_box(aws, project_dir, "--box", "alice") == 1
     ((volume_id, tags),) = team.volume_tags("alice").items()
     assert tags["devbox:role"] == "data"

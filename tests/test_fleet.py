@@ -70,6 +70,30 @@ def test_each_owner_gets_their_own_box_group_and_record(team: Fleet, app_client:
     assert status["allowed_ips"] == ["203.0.113.10/32"]
 
 
+def test_a_box_being_removed_refuses_its_owners_start_with_409_and_launches_nothing(
+        team: Fleet, app_client: Client, caller: Callable[..., None]):
+    caller(ALICE)
+    app_client.http.post("/start")
+    app_client.http.post("/stop")
+    # What `devbox destroy --box alice` puts on the box's group before it ends anything.
+    team.ec2.create_tags(Resources=[team.group("alice")["GroupId"]],
+                         Tags=[{"Key": fleet.REMOVING_TAG, "Value": "2026-11-29T20:00:00Z"}])
+    before = [(i["InstanceId"], i["State"]["Name"]) for i in team.box_instances("alice")]
+    rules = team.box_rules("alice")
+
+    answer = app_client.http.post("/start")
+
+    assert answer.status_code == 409
+    assert "your box alice is being removed by an admin" in answer.json_body["Message"]
+    assert [(i["InstanceId"], i["State"]["Name"]) for i in team.box_instances("alice")] == before
+    assert team.box_rules("alice") == rules
+    status = app_client.http.get("/status").json_body
+    assert (status["state"], status["removing"]) == ("stopped", "2026-11-29T20:00:00Z")
+    # Bob's box is not being removed.
+    caller(BOB, "198.51.100.20")
+    assert app_client.http.post("/start").status_code == 200
+
+
 def test_a_caller_without_a_box_sees_none_and_nothing_is_created(team: Fleet, app_client: Client,
                                                                  caller: Callable[..., None]):
     caller(BOB)
