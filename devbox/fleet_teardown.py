@@ -163,7 +163,10 @@ def run_destroy_box(
         return 1
     try:
         # The app stays up: from here on it refuses its owner's starts, which would attach the data volume
-        # being snapshotted and set aside (the full destroy deletes the app first instead).
+        # being snapshotted and set aside (the full destroy deletes the app first instead). EC2's API is
+        # eventually consistent ("Eventual consistency in the Amazon EC2 API"): a start in the first moments
+        # may not see the mark yet; an instance it starts is ended next, and one it launches after that keeps
+        # the group from being deleted, which cuts the run off for a re-run to finish.
         _mark_removing(clients("ec2"), plan, found.group_ids)
         snapshots = remove_box(clients, plan, found.owner, delete_data=delete_data,
                                profile=getattr(args, "profile", None))
