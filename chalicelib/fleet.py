@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from chalicelib import access, box
 from chalicelib.config import Config
 from chalicelib.errors import (BoxNotFoundError, DevboxError, FleetFullError, ForbiddenError, InvalidRequestError,
-                               UpstreamError, aws_failure)
+                               StateConflictError, UpstreamError, aws_failure)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -36,8 +36,10 @@ else:
     EC2Client = Any
 
 OWNER_TAG = box.OWNER_TAG
-# Put on a box's group by `devbox destroy --box` before it ends anything: starts are refused from then on.
+# Put on a box's group (REMOVING_TAG) and its claim (REMOVING_ATTRIBUTE + name) by `devbox destroy --box`
+# before it ends anything: the owner's starts are refused until the claim is released.
 REMOVING_TAG = "devbox:removing"
+REMOVING_ATTRIBUTE = "removing:"
 FLEET_ITEM = "fleet"
 SLUG_LIMIT = 40
 _HASH_LENGTH = 8
@@ -254,8 +256,9 @@ def claim(ddb: DynamoDBClient, config: Config, slug: str, owner: str) -> Optiona
             TableName=config.boxes_table, Key={"id": {"S": FLEET_ITEM}},
             UpdateExpression="ADD boxes :slugs SET #owner = :owner, salt = if_not_exists(salt, :salt)",
             ConditionExpression="(attribute_not_exists(#owner) OR #owner = :owner) AND "
-                                "(attribute_not_exists(boxes) OR contains(boxes, :slug) OR size(boxes) < :max)",
-            ExpressionAttributeNames={"#owner": f"owner:{slug}"},
+                                "(attribute_not_exists(boxes) OR contains(boxes, :slug) OR size(boxes) < :max)"
+                                " AND attribute_not_exists(#removing)",
+            ExpressionAttributeNames={"#owner": f"owner:{slug}", "#removing": f"{REMOVING_ATTRIBUTE}{slug}"},
             ExpressionAttributeValues={":slugs": {"SS": [slug]}, ":slug": {"S": slug}, ":owner": {"S": owner},
                                        ":max": {"N": str(config.max_boxes)}, ":salt": {"S": secrets.token_hex(16)}},
         )
@@ -269,8 +272,17 @@ def claim(ddb: DynamoDBClient, config: Config, slug: str, owner: str) -> Optiona
     holder = item.get(f"owner:{slug}", {}).get("S")
     if holder is not None and holder != owner:
         return item
+    removing = item.get(f"{REMOVING_ATTRIBUTE}{slug}", {}).get("S")
+    if removing is not None:
+        raise being_removed(slug, removing)
     raise FleetFullError(f"the fleet holds its limit of {config.max_boxes} boxes (MAX_BOXES); "
                          "an admin can remove a box (`devbox destroy --box NAME`) or raise MAX_BOXES")
+
+
+def being_removed(slug: str, since: str) -> StateConflictError:
+    return StateConflictError(
+        f"your box {slug} is being removed by an admin (`devbox destroy --box {slug}`, begun {since}); once"
+        " that has finished, `devbox start` gives you a new box")
 
 
 def read_claims(ddb: DynamoDBClient, config: Config) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from chalicelib import access, box, cost, fleet, instance, service
 from chalicelib.config import Config
-from chalicelib.errors import DevboxError, ForbiddenError, StateConflictError
+from chalicelib.errors import DevboxError, ForbiddenError
 
 log = logging.getLogger("devbox")
 Clients = Callable[[str], Any]
@@ -60,9 +60,7 @@ def start(ec2: Any, ddb: Any, config: Config, owner: str, source_ip: Optional[st
         log.info("%s: claimed box %s for %s", config.box_name, item.slug, owner)
     elif item.removing:
         # A start now would attach the data volume the removal is snapshotting and setting aside.
-        raise StateConflictError(
-            f"your box {item.slug} is being removed by an admin (`devbox destroy --box {item.slug}`, begun"
-            f" {item.removing}); once that has finished, `devbox start` gives you a new box")
+        raise fleet.being_removed(item.slug, item.removing)
     # The owner goes on the instances it launches (reads find the caller's box by that tag).
     owned = replace(item.config, box_owner=item.owner)
     return _labelled(service.start(ec2, owned, item.tag, source_ip, instance_type, rebuild), item)

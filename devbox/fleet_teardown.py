@@ -49,6 +49,8 @@ REMOVED_TAG = "devbox:removed"
 KEPT_ROLE = "removed-data"
 # On a box's group while `destroy --box` runs: the app refuses its owner's starts (chalicelib.fleet).
 REMOVING_TAG = "devbox:removing"
+# ... and on its claim in the fleet's item (the attribute "removing:<name>"), which goes with the claim.
+REMOVING_ATTRIBUTE = "removing:"
 # A terminated instance's network interface holds on to its group for a while after it is gone.
 GROUP_DELETE_WAIT = {"Delay": 10, "MaxAttempts": 30}
 
@@ -167,7 +169,7 @@ def run_destroy_box(
         # eventually consistent ("Eventual consistency in the Amazon EC2 API"): a start in the first moments
         # may not see the mark yet; an instance it starts is ended next, and one it launches after that keeps
         # the group from being deleted, which cuts the run off for a re-run to finish.
-        _mark_removing(clients("ec2"), plan, found.group_ids)
+        _mark_removing(clients, plan, found)
         snapshots = remove_box(clients, plan, found.owner, delete_data=delete_data,
                                profile=getattr(args, "profile", None))
     except CUT_OFF as err:
@@ -429,10 +431,26 @@ def remove_box(clients: ClientFactory, plan: BoxTeardown, owner: str, *, delete_
 
 
 
-def _mark_removing(ec2: EC2Client, plan: BoxTeardown, group_ids: Sequence[str]) -> None:
-    if not group_ids:
-        return
-    ec2.create_tags(Resources=list(group_ids), Tags=[{"Key": REMOVING_TAG, "Value": _now()}])
+def _mark_removing(clients: ClientFactory, plan: BoxTeardown, found: BoxFound) -> None:
+    """Mark the box's group and its owner's claim: the app refuses the owner's starts (and first starts) until the
+    claim is released, so nothing of a new box appears for a re-run to take for this one's."""
+    now = _now()
+    if found.group_ids:
+        clients("ec2").create_tags(Resources=list(found.group_ids), Tags=[{"Key": REMOVING_TAG, "Value": now}])
+    if plan.table and found.owner:
+        try:
+            clients("dynamodb").update_item(
+                TableName=plan.table, Key={"id": {"S": FLEET_ITEM}},
+                UpdateExpression="SET #removing = :now",
+                # Only on the owner's claim: the mark goes when the claim is released.
+                ConditionExpression="#owner = :owner",
+                ExpressionAttributeNames={"#removing": f"{REMOVING_ATTRIBUTE}{plan.slug}",
+                                          "#owner": f"owner:{plan.slug}"},
+                ExpressionAttributeValues={":now": {"S": now}, ":owner": {"S": found.owner}},
+            )
+        except ClientError as err:
+            if err.response["Error"]["Code"] not in ("ConditionalCheckFailedException", "ResourceNotFoundException"):
+                raise
     print(f"box {plan.tag}: marked as being removed ({REMOVING_TAG}); its owner's starts are refused from now on")
 
 
@@ -541,10 +559,10 @@ def _release_claim(ddb: DynamoDBClient, table: str, slug: str, owner: str = "") 
     try:
         ddb.update_item(
             TableName=table, Key={"id": {"S": FLEET_ITEM}},
-            UpdateExpression="DELETE boxes :slugs REMOVE #owner",
+            UpdateExpression="DELETE boxes :slugs REMOVE #owner, #removing",
             # Only when there is a claim: an update of a missing item would create it.
             ConditionExpression=condition,
-            ExpressionAttributeNames={"#owner": f"owner:{slug}"},
+            ExpressionAttributeNames={"#owner": f"owner:{slug}", "#removing": f"{REMOVING_ATTRIBUTE}{slug}"},
             ExpressionAttributeValues=values,
         )
     except ClientError as err:

@@ -349,12 +349,17 @@ def test_an_owners_start_during_the_removal_of_their_box_is_refused(
 def test_rerun_after_a_cut_off_run_finishes_what_is_left(
     team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Cut off when the claim is released: instances, record, data and group are done.
-    fail(moto_clients(aws)("dynamodb"), "UpdateItem", "AccessDeniedException", times=1)
+    # Cut off when the claim is released (after the claim's removal mark): instances, record, data and group are done.
+    fail(moto_clients(aws)("dynamodb"), "UpdateItem", "AccessDeniedException", times=1, after=1)
     assert destroy_box(aws, project_dir, "--box", "alice") == 1
     assert "run `devbox destroy --box alice` again to finish" in capsys.readouterr().err
     assert team.groups("alice") == [] and team.claims()["boxes"] == ["alice", "bob"]
     snapshots = snapshots_of("devbox/alice")
+    # Her claim is marked: a start now makes no new box for the re-run to take for this one.
+    with pytest.raises(StateConflictError, match="your box alice is being removed by an admin"):
+        team.start(ALICE, "203.0.113.10")
+    assert team.groups("alice") == [] and team.instances("alice") == {
+        i: "terminated" for i in team.instances("alice")}
 
     assert destroy_box(aws, project_dir, "--box", "alice") == 0
 
@@ -364,6 +369,8 @@ def test_rerun_after_a_cut_off_run_finishes_what_is_left(
     assert "box devbox/alice: no security group" in out
     assert "released the claim on alice" in out
     assert team.claims() == {"boxes": ["bob"], "owners": {"bob": BOB}}
+    assert not [k for k in team.ddb.get_item(TableName=team.env["BOXES_TABLE"], Key={"id": {"S": "fleet"}})["Item"]
+                if k.startswith("removing:")]
     assert snapshots_of("devbox/alice") == snapshots
 
     # Once all is done, the box is gone: a third run says so, and where its data is.
@@ -372,6 +379,8 @@ def test_rerun_after_a_cut_off_run_finishes_what_is_left(
     err = capsys.readouterr().err
     assert "has no box named alice" in err and f"its data is kept in {list(team.volume_tags('alice'))[0]}" in err
     assert team.world() == before
+    # Her next start is a new box.
+    assert team.start(ALICE, "203.0.113.10") == "alice"
 
 
 def test_rerun_after_a_cut_off_snapshot_uses_that_snapshot(

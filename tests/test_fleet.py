@@ -94,6 +94,20 @@ def test_a_box_being_removed_refuses_its_owners_start_with_409_and_launches_noth
     assert app_client.http.post("/start").status_code == 200
 
 
+def test_a_claim_being_removed_refuses_its_owners_first_start_with_409_and_creates_nothing(
+        team: Fleet, app_client: Client, caller: Callable[..., None]):
+    # What a cut-off `devbox destroy --box bob` leaves: its group deleted, its claim still there and marked.
+    team.ddb.put_item(TableName=TABLE, Item={"id": {"S": "fleet"}, "boxes": {"SS": ["bob"]}, "owner:bob": {"S": BOB},
+                                             "removing:bob": {"S": "2026-11-29T20:00:00Z"}})
+    caller(BOB, "198.51.100.20")
+
+    answer = app_client.http.post("/start")
+
+    assert answer.status_code == 409
+    assert "your box bob is being removed by an admin" in answer.json_body["Message"]
+    assert team.groups() == [] and team.box_instances("bob") == []
+
+
 def test_a_caller_without_a_box_sees_none_and_nothing_is_created(team: Fleet, app_client: Client,
                                                                  caller: Callable[..., None]):
     caller(BOB)
