@@ -251,38 +251,44 @@ def claim(ddb: DynamoDBClient, config: Config, slug: str, owner: str) -> Optiona
     fleet's secret salt (for keyed names after a collision).
     """
     assert config.boxes_table
-    try:
-        ddb.update_item(
-            TableName=config.boxes_table, Key={"id": {"S": FLEET_ITEM}},
-            UpdateExpression="ADD boxes :slugs SET #owner = :owner, salt = if_not_exists(salt, :salt)",
-            ConditionExpression="(attribute_not_exists(#owner) OR #owner = :owner) AND "
-                                "(attribute_not_exists(boxes) OR contains(boxes, :slug) OR size(boxes) < :max)"
-                                " AND attribute_not_exists(#removing)",
-            ExpressionAttributeNames={"#owner": f"owner:{slug}", "#removing": f"{REMOVING_ATTRIBUTE}{slug}"},
-            ExpressionAttributeValues={":slugs": {"SS": [slug]}, ":slug": {"S": slug}, ":owner": {"S": owner},
-                                       ":max": {"N": str(config.max_boxes)}, ":salt": {"S": secrets.token_hex(16)}},
-        )
-        return None
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+    # A failed condition is read back to tell why; a claim released in between is tried again.
+    for _ in range(3):
+        try:
+            ddb.update_item(
+                TableName=config.boxes_table, Key={"id": {"S": FLEET_ITEM}},
+                UpdateExpression="ADD boxes :slugs SET #owner = :owner, salt = if_not_exists(salt, :salt)",
+                ConditionExpression="(attribute_not_exists(#owner) OR #owner = :owner) AND "
+                                    "(attribute_not_exists(boxes) OR contains(boxes, :slug) OR size(boxes) < :max)"
+                                    " AND attribute_not_exists(#removing)",
+                ExpressionAttributeNames={"#owner": f"owner:{slug}", "#removing": f"{REMOVING_ATTRIBUTE}{slug}"},
+                ExpressionAttributeValues={":slugs": {"SS": [slug]}, ":slug": {"S": slug}, ":owner": {"S": owner},
+                                           ":max": {"N": str(config.max_boxes)},
+                                           ":salt": {"S": secrets.token_hex(16)}},
+            )
+            return None
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise aws_failure(err, "claim a box in the fleet's table") from err
+        except BotoCoreError as err:
             raise aws_failure(err, "claim a box in the fleet's table") from err
-    except BotoCoreError as err:
-        raise aws_failure(err, "claim a box in the fleet's table") from err
-    item = read_claims(ddb, config)
-    holder = item.get(f"owner:{slug}", {}).get("S")
-    if holder is not None and holder != owner:
-        return item
-    removing = item.get(f"{REMOVING_ATTRIBUTE}{slug}", {}).get("S")
-    if removing is not None:
-        raise being_removed(slug, removing)
-    raise FleetFullError(f"the fleet holds its limit of {config.max_boxes} boxes (MAX_BOXES); "
-                         "an admin can remove a box (`devbox destroy --box NAME`) or raise MAX_BOXES")
+        item = read_claims(ddb, config)
+        holder = item.get(f"owner:{slug}", {}).get("S")
+        if holder is not None and holder != owner:
+            return item
+        removing = item.get(f"{REMOVING_ATTRIBUTE}{slug}", {}).get("S")
+        if removing is not None:
+            raise being_removed(slug, removing)
+        names = item.get("boxes", {}).get("SS", [])
+        if slug not in names and len(names) >= config.max_boxes:
+            raise FleetFullError(f"the fleet holds its limit of {config.max_boxes} boxes (MAX_BOXES); "
+                                 "an admin can remove a box (`devbox destroy --box NAME`) or raise MAX_BOXES")
+    raise UpstreamError("the fleet's claims kept changing while this box was claimed; try again")
 
 
 def being_removed(slug: str, since: str) -> StateConflictError:
     return StateConflictError(
-        f"your box {slug} is being removed by an admin (`devbox destroy --box {slug}`, begun {since}); once"
-        " that has finished, `devbox start` gives you a new box")
+        f"the box {slug} is being removed by an admin (`devbox destroy --box {slug}`, begun {since}); once that"
+        " has finished (a run that was cut off must be run again by the admin), `devbox start` gives you a new box")
 
 
 def read_claims(ddb: DynamoDBClient, config: Config) -> Dict[str, Any]:

@@ -139,11 +139,12 @@ def run_destroy_box(
         stack = describe_stack(clients("cloudformation"), args.stack_name)
         # A fresh checkout records no settings: the stack's claims table says a fleet may be there.
         if not _truthy(recorded.get("FLEET", "")) and "BoxesTable" not in (stack_outputs(stack) if stack else {}):
+            why = "does not exist" if stack is None else "has no claims table (BoxesTable output)"
             print(
-                f"devbox destroy: --box removes one box of a fleet, and neither stage {stage} in"
-                f" {Path(args.project_dir) / '.chalice' / 'config.json'} (no FLEET=true) nor the stack"
-                f" {args.stack_name} (no BoxesTable output) is a fleet. `devbox destroy` without --box removes the"
-                " whole deployment. Nothing was changed.",
+                f"devbox destroy: --box removes one box of a fleet, and stage {stage} in"
+                f" {Path(args.project_dir) / '.chalice' / 'config.json'} records no FLEET=true while the stack"
+                f" {args.stack_name} {why}. `devbox destroy` without --box removes the whole deployment."
+                " Nothing was changed.",
                 file=sys.stderr,
             )
             return 1
@@ -166,9 +167,10 @@ def run_destroy_box(
     try:
         # The app stays up: from here on it refuses its owner's starts, which would attach the data volume
         # being snapshotted and set aside (the full destroy deletes the app first instead). EC2's API is
-        # eventually consistent ("Eventual consistency in the Amazon EC2 API"): a start in the first moments
-        # may not see the mark yet; an instance it starts is ended next, and one it launches after that keeps
-        # the group from being deleted, which cuts the run off for a re-run to finish.
+        # eventually consistent ("Eventual consistency in the Amazon EC2 API"), and a start may have read the
+        # group just before the mark: such a start may still go through; an instance it starts is ended next,
+        # and one it launches after that keeps the group from being deleted, which cuts the run off for a
+        # re-run to finish.
         _mark_removing(clients, plan, found)
         snapshots = remove_box(clients, plan, found.owner, delete_data=delete_data,
                                profile=getattr(args, "profile", None))
@@ -350,7 +352,8 @@ def find_box(clients: ClientFactory, plan: BoxTeardown) -> BoxFound:
         group_ids=tuple(str(g["GroupId"]) for g in groups),
         volumes=tuple(boxaws.find_data_volumes(ec2, tag)),
         record=bool(plan.record_name and _address_records(clients, plan.zone_id, plan.record_name)),
-        claimed=bool(claimed_by) or plan.slug in fleet_boxes,
+        # A removal mark without its claim (a release by hand) still counts: the re-run's release clears it.
+        claimed=bool(claimed_by) or plan.slug in fleet_boxes or f"{REMOVING_ATTRIBUTE}{plan.slug}" in claims,
         costs=bool(costs),
         kept_volume_ids=tuple(str(v["VolumeId"]) for v in _kept_volumes(ec2, tag)),
         snapshot_ids=tuple(str(s["SnapshotId"]) for s in _removal_snapshots(ec2, tag)),
@@ -435,8 +438,10 @@ def _mark_removing(clients: ClientFactory, plan: BoxTeardown, found: BoxFound) -
     """Mark the box's group and its owner's claim: the app refuses the owner's starts (and first starts) until the
     claim is released, so nothing of a new box appears for a re-run to take for this one's."""
     now = _now()
+    marked: List[str] = []
     if found.group_ids:
         clients("ec2").create_tags(Resources=list(found.group_ids), Tags=[{"Key": REMOVING_TAG, "Value": now}])
+        marked.append(f"its security group ({REMOVING_TAG})")
     if plan.table and found.owner:
         try:
             clients("dynamodb").update_item(
@@ -448,10 +453,13 @@ def _mark_removing(clients: ClientFactory, plan: BoxTeardown, found: BoxFound) -
                                           "#owner": f"owner:{plan.slug}"},
                 ExpressionAttributeValues={":now": {"S": now}, ":owner": {"S": found.owner}},
             )
+            marked.append(f"its claim ({REMOVING_ATTRIBUTE}{plan.slug})")
         except ClientError as err:
             if err.response["Error"]["Code"] not in ("ConditionalCheckFailedException", "ResourceNotFoundException"):
                 raise
-    print(f"box {plan.tag}: marked as being removed ({REMOVING_TAG}); its owner's starts are refused from now on")
+    if marked:
+        print(f"box {plan.tag}: marked {' and '.join(marked)} as being removed; the app refuses its owner's starts"
+              " until the removal has finished")
 
 
 def _find_groups(ec2: EC2Client, tag: str) -> List[Dict[str, Any]]:
@@ -550,7 +558,7 @@ def _read_item(ddb: DynamoDBClient, table: str, item_id: str) -> Dict[str, Any]:
 def _release_claim(ddb: DynamoDBClient, table: str, slug: str, owner: str = "") -> Optional[bool]:
     """Take the name out of the fleet's claims (only the owner's claim, when the owner is known);
     False when there was none to release, None when the table is gone."""
-    condition = "(contains(boxes, :slug) OR attribute_exists(#owner))"
+    condition = "(contains(boxes, :slug) OR attribute_exists(#owner) OR attribute_exists(#removing))"
     values: Dict[str, Any] = {":slugs": {"SS": [slug]}, ":slug": {"S": slug}}
     if owner:
         # A name claimed again by someone else since (the app stays up under --box) is theirs.

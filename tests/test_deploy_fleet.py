@@ -295,7 +295,7 @@ def test_box_without_a_fleet_in_the_settings_or_the_stack_is_refused(
     assert destroy_box(aws, project_dir, "--box", "alice", "--stack-name", "gone", log=log) == 1
 
     err = capsys.readouterr().err
-    assert "--box removes one box of a fleet" in err and "no BoxesTable output" in err
+    assert "--box removes one box of a fleet" in err and "the stack gone does not exist" in err
     assert "Nothing was changed." in err
     assert log == ["cloudformation.DescribeStacks"]
 
@@ -331,10 +331,11 @@ def test_an_owners_start_during_the_removal_of_their_box_is_refused(
     # Cut off at the snapshot: the group is marked and the instances are ended, the data is not kept yet.
     fail(moto_clients(aws)("ec2"), "CreateSnapshot", "IncorrectState", times=1)
     assert destroy_box(aws, project_dir, "--box", "alice") == 1
-    assert "box devbox/alice: marked as being removed (devbox:removing)" in capsys.readouterr().out
+    assert ("box devbox/alice: marked its security group (devbox:removing) and its claim (removing:alice) as being"
+            " removed") in capsys.readouterr().out
     volume = [v for v, tags in team.volume_tags("alice").items() if tags["devbox:role"] == "data"]
 
-    with pytest.raises(StateConflictError, match="your box alice is being removed by an admin"):
+    with pytest.raises(StateConflictError, match="the box alice is being removed by an admin"):
         team.start(ALICE, "203.0.113.10")
 
     assert set(team.instances("alice").values()) == {"terminated"}
@@ -344,6 +345,28 @@ def test_an_owners_start_during_the_removal_of_their_box_is_refused(
     assert destroy_box(aws, project_dir, "--box", "alice") == 0
     assert team.start(ALICE, "203.0.113.10") == "alice"
     assert team.volume_tags("alice")[volume[0]]["devbox:role"] == "removed-data"
+
+
+def test_a_removal_mark_left_without_its_claim_is_cleared_by_a_rerun(
+    team: Team, aws: Dict[str, Any], project_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fail(moto_clients(aws)("ec2"), "CreateSnapshot", "IncorrectState", times=1)
+    assert destroy_box(aws, project_dir, "--box", "alice") == 1
+    # Someone releases the claim by hand (or an older CLI does), leaving the mark.
+    team.ddb.update_item(TableName=team.env["BOXES_TABLE"], Key={"id": {"S": "fleet"}},
+                         UpdateExpression="DELETE boxes :a REMOVE #o",
+                         ExpressionAttributeNames={"#o": "owner:alice"},
+                         ExpressionAttributeValues={":a": {"SS": ["alice"]}})
+    with pytest.raises(StateConflictError, match="the box alice is being removed by an admin"):
+        team.start(ALICE, "203.0.113.10")
+    capsys.readouterr()
+
+    assert destroy_box(aws, project_dir, "--box", "alice") == 0
+
+    assert "released the claim on alice" in capsys.readouterr().out
+    item = team.ddb.get_item(TableName=team.env["BOXES_TABLE"], Key={"id": {"S": "fleet"}})["Item"]
+    assert "removing:alice" not in item
+    assert team.start(ALICE, "203.0.113.10") == "alice"
 
 
 def test_rerun_after_a_cut_off_run_finishes_what_is_left(
@@ -356,7 +379,7 @@ def test_rerun_after_a_cut_off_run_finishes_what_is_left(
     assert team.groups("alice") == [] and team.claims()["boxes"] == ["alice", "bob"]
     snapshots = snapshots_of("devbox/alice")
     # Her claim is marked: a start now makes no new box for the re-run to take for this one.
-    with pytest.raises(StateConflictError, match="your box alice is being removed by an admin"):
+    with pytest.raises(StateConflictError, match="the box alice is being removed by an admin"):
         team.start(ALICE, "203.0.113.10")
     assert team.groups("alice") == [] and team.instances("alice") == {
         i: "terminated" for i in team.instances("alice")}

@@ -3,6 +3,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
 
 import pytest
+from botocore.exceptions import ClientError
 from chalice.test import Client
 
 from chalicelib import aws, fleet, fleet_service
@@ -84,7 +85,7 @@ def test_a_box_being_removed_refuses_its_owners_start_with_409_and_launches_noth
     answer = app_client.http.post("/start")
 
     assert answer.status_code == 409
-    assert "your box alice is being removed by an admin" in answer.json_body["Message"]
+    assert "the box alice is being removed by an admin" in answer.json_body["Message"]
     assert [(i["InstanceId"], i["State"]["Name"]) for i in team.box_instances("alice")] == before
     assert team.box_rules("alice") == rules
     status = app_client.http.get("/status").json_body
@@ -104,8 +105,30 @@ def test_a_claim_being_removed_refuses_its_owners_first_start_with_409_and_creat
     answer = app_client.http.post("/start")
 
     assert answer.status_code == 409
-    assert "your box bob is being removed by an admin" in answer.json_body["Message"]
+    assert "the box bob is being removed by an admin" in answer.json_body["Message"]
     assert team.groups() == [] and team.box_instances("bob") == []
+
+
+def test_a_claim_refused_by_a_change_since_read_is_tried_again_not_called_full(team: Fleet,
+                                                                                monkeypatch: pytest.MonkeyPatch):
+    # The condition failed on a name being released at that moment; by the read-back it is free.
+    ddb = aws.client("dynamodb")
+    update, refused = ddb.update_item, []
+
+    def once_refused(**kwargs: Any) -> Any:
+        if not refused:
+            refused.append(kwargs["Key"])
+            raise ClientError({"Error": {"Code": "ConditionalCheckFailedException", "Message": "The conditional"
+                                         " request failed"}}, "UpdateItem")
+        return update(**kwargs)
+
+    monkeypatch.setattr(ddb, "update_item", once_refused)
+    config = Config.from_env(team.env(MAX_BOXES="1"))
+
+    assert fleet.claim(ddb, config, "alice", ALICE) is None
+
+    item = team.ddb.get_item(TableName=TABLE, Key={"id": {"S": "fleet"}})["Item"]
+    assert refused and (item["boxes"]["SS"], item["owner:alice"]["S"]) == (["alice"], ALICE)
 
 
 def test_a_caller_without_a_box_sees_none_and_nothing_is_created(team: Fleet, app_client: Client,
