@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -369,6 +369,8 @@ class Ledger:
 
     costs: Dict[str, float]
     claims: Dict[str, str]
+    # The names an admin's `devbox destroy --box` is removing, with when it began.
+    removing: Dict[str, str] = field(default_factory=dict)
 
 
 def read_ledger(ddb: DynamoDBClient, config: Config, when: datetime) -> Ledger:
@@ -376,6 +378,7 @@ def read_ledger(ddb: DynamoDBClient, config: Config, when: datetime) -> Ledger:
     assert config.boxes_table
     costs: Dict[str, float] = {}
     claims: Dict[str, str] = {}
+    removing: Dict[str, str] = {}
     kwargs: Dict[str, Any] = {"TableName": config.boxes_table}
     key = month_key(when)
     try:
@@ -388,8 +391,10 @@ def read_ledger(ddb: DynamoDBClient, config: Config, when: datetime) -> Ledger:
                 elif name == FLEET_ITEM:
                     claims = {slug: item.get(f"owner:{slug}", {}).get("S", "")
                               for slug in item.get("boxes", {}).get("SS", [])}
+                    removing = {key[len(REMOVING_ATTRIBUTE):]: str(value.get("S", "")) for key, value in item.items()
+                                if key.startswith(REMOVING_ATTRIBUTE)}
             if not page.get("LastEvaluatedKey"):
-                return Ledger(costs, claims)
+                return Ledger(costs, claims, removing)
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
     except (ClientError, BotoCoreError) as err:
         raise aws_failure(err, "read the fleet's table") from err

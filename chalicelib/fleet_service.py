@@ -130,12 +130,16 @@ def list_boxes(ec2: Any, ddb: Any, config: Config, caller: str, now: Optional[da
         if price is not None and isinstance(launched, datetime) and session["uptime_seconds"] is not None:
             # Only the part of the running session that fell in this month.
             month = (month or 0.0) + fleet.split_by_month(launched, now, price).get(fleet.month_key(now), 0.0)
-        boxes.append({
+        entry = {
             "box": slug, "owner": item.owner if item else ledger.claims.get(slug, ""), "state": state,
             "instance_type": doc["instance_type"], "market": doc["market"], "launch_time": doc["launch_time"],
             "uptime_seconds": session["uptime_seconds"], "dns_name": doc["dns_name"],
             "cost_this_month_usd": round(month, 4) if month is not None else None,
-        })
+        }
+        removing = (item.removing if item else "") or ledger.removing.get(slug, "")
+        if removing:
+            entry["removing"] = removing
+        boxes.append(entry)
     return {"boxes": boxes, "count": len(boxes), "max_boxes": config.max_boxes}
 
 

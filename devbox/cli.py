@@ -456,10 +456,14 @@ def format_boxes(document: Mapping[str, Any]) -> str:
             raise _malformed_listing(f"{where}.box", entry.get("box"), "a box name")
         uptime = _listing_number(entry, where, "uptime_seconds", minimum=0)
         cost = _listing_number(entry, where, "cost_this_month_usd")
+        state = _listing_text(entry, where, "state")
+        if _listing_text(entry, where, "removing"):
+            # An admin's `devbox destroy --box` is under way (or was cut off).
+            state = f"{state or '?'} (being removed)"
         rows.append((name, [
             name,
             _listing_text(entry, where, "owner"),
-            _listing_text(entry, where, "state"),
+            state,
             _listing_text(entry, where, "instance_type"),
             None if uptime is None else _duration(uptime),
             None if cost is None else _money(cost, "", 2),

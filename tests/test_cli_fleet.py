@@ -60,6 +60,17 @@ def test_boxes_prints_a_table_sorted_by_name_then_the_count(fake_api: FakeApi, r
     assert fake_api.calls() == ["GET /boxes"]
 
 
+def test_boxes_marks_a_box_being_removed_in_its_state(fake_api: FakeApi, run: Run) -> None:
+    fake_api.answer("GET", "/boxes", (200, listing(
+        box_entry("bob", BOB, state="stopped", uptime_seconds=None, removing="2026-11-29T20:00:00Z"))))
+
+    code, out, err = run("boxes", "--url", fake_api.url)
+
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1].split("  ")[:3] == ["bob", "arn:aws:iam::123456789012:user/bob",
+                                                    "stopped (being removed)"]
+
+
 def test_boxes_shows_short_uptimes_in_minutes_and_seconds(fake_api: FakeApi, run: Run) -> None:
     fake_api.answer("GET", "/boxes", (200, listing(box_entry("dev-1", ALICE, uptime_seconds=125.7))))
 

@@ -199,6 +199,27 @@ def test_an_admin_lists_every_box_and_stops_one_without_being_let_in(team: Fleet
     assert "192.0.2.50/32" not in team.box_rules("alice") + team.box_rules("bob")
 
 
+def test_the_listing_shows_which_boxes_are_being_removed(team: Fleet, app_client: Client,
+                                                         caller: Callable[..., None]):
+    for owner in (ALICE, BOB):
+        caller(owner)
+        app_client.http.post("/start")
+    # alice's group marked; carol's claim marked after her group went (a cut-off `destroy --box carol`).
+    team.ec2.create_tags(Resources=[team.group("alice")["GroupId"]],
+                         Tags=[{"Key": fleet.REMOVING_TAG, "Value": "2026-11-29T20:00:00Z"}])
+    team.ddb.update_item(TableName=TABLE, Key={"id": {"S": "fleet"}},
+                         UpdateExpression="ADD boxes :c SET #o = :owner, #r = :at",
+                         ExpressionAttributeNames={"#o": "owner:carol", "#r": "removing:carol"},
+                         ExpressionAttributeValues={":c": {"SS": ["carol"]}, ":owner": {"S": "carol-arn"},
+                                                    ":at": {"S": "2026-11-29T21:00:00Z"}})
+    caller(ADMIN)
+
+    rows = {row["box"]: row for row in app_client.http.get("/boxes").json_body["boxes"]}
+
+    assert {box: row.get("removing") for box, row in rows.items()} == {
+        "alice": "2026-11-29T20:00:00Z", "bob": None, "carol": "2026-11-29T21:00:00Z"}
+
+
 def test_a_non_admin_listing_boxes_gets_403(team: Fleet, app_client: Client, caller: Callable[..., None]):
     caller(ALICE)
     answer = app_client.http.get("/boxes")
