@@ -9,7 +9,7 @@ from chalicelib.config import Config
 from tests.conftest import state_event
 
 
-def test_two_callers_starting_at_once_are_both_let_in(stopped_devbox):
+def test_two_callers_starting_at_once_are_both_let_in(stopped_devbox, one_request_at_a_time):
     config = Config.from_env(stopped_devbox.env())
     ec2 = aws.client("ec2")
     barrier = threading.Barrier(2)
@@ -32,7 +32,7 @@ def test_two_callers_starting_at_once_are_both_let_in(stopped_devbox):
     assert stopped_devbox.rule_cidrs() == ["198.51.100.9/32"] * 2 + ["203.0.113.7/32"] * 2
 
 
-def test_same_caller_twice_at_once_adds_its_rules_once(stopped_devbox):
+def test_same_caller_twice_at_once_adds_its_rules_once(stopped_devbox, one_request_at_a_time):
     config = Config.from_env(stopped_devbox.env())
     ec2 = aws.client("ec2")
     barrier = threading.Barrier(2)

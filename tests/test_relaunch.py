@@ -77,7 +77,8 @@ def test_first_start_moves_to_the_next_zone_when_one_has_no_capacity(empty_box, 
     assert empty_box.volumes()[0]["AvailabilityZone"] == doc["availability_zone"]
 
 
-def test_eight_concurrent_first_starts_give_one_instance_and_one_volume(empty_box, client_tokens):
+def test_eight_concurrent_first_starts_give_one_instance_and_one_volume(empty_box, client_tokens,
+                                                                       one_request_at_a_time):
     config = Config.from_env(empty_box.env())
     ec2 = aws.client("ec2")
     barrier = threading.Barrier(8)
