@@ -251,7 +251,8 @@ def claim(ddb: DynamoDBClient, config: Config, slug: str, owner: str) -> Optiona
     fleet's secret salt (for keyed names after a collision).
     """
     assert config.boxes_table
-    # A failed condition is read back to tell why; a claim released in between is tried again.
+    # A failed condition is read back (strongly consistent: DynamoDB Developer Guide, "Read consistency") to tell
+    # why; a name released in between is tried again.
     for _ in range(3):
         try:
             ddb.update_item(

@@ -439,6 +439,8 @@ def _mark_removing(clients: ClientFactory, plan: BoxTeardown, found: BoxFound) -
     claim is released, so nothing of a new box appears for a re-run to take for this one's."""
     now = _now()
     marked: List[str] = []
+    # A re-run marks again: CreateTags overwrites the value of a key the resource already has (EC2 API
+    # reference, CreateTags).
     if found.group_ids:
         clients("ec2").create_tags(Resources=list(found.group_ids), Tags=[{"Key": REMOVING_TAG, "Value": now}])
         marked.append(f"its security group ({REMOVING_TAG})")
